@@ -1,0 +1,320 @@
+"""The Python API: one function per CLI verb (analyze, compress, evaluate, load)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .adapters import get_adapter
+from .analysis import analysis_dict, similarity
+from .budget import plan_budget
+from .config import CompressConfig
+from .cure import cure as run_cure
+from .data import calibration_batches, load_text, needs_bos, tokenize
+from .errors import FoldGPTError
+from .evaluate import perplexity
+from .methods import Context, get_method
+from .models import load_model
+from .plan import Plan, write_json_atomic
+from .report import (
+    fmt_int, markdown_table, plot_curves, plot_gates, plot_heatmap, plot_similarity_lines, ppl, text_table,
+)
+from .structure import apply_plan_, flops_per_token, unique_params
+from .weights import clone_sharing_weights
+
+log = logging.getLogger(__name__)
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+@contextmanager
+def atomic_dir(out: str | Path, overwrite: bool):
+    """Yield a temporary folder next to `out`; move it into place only if the block succeeds."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FoldGPTError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, index: int, total: int):
+        log.info("(%d/%d): %s", index, total, name)
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t, 2)
+
+
+@torch.no_grad()
+def calibration_loss(model, ids: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token cross-entropy (nats) on calibration windows."""
+    total, n = 0.0, 0
+    for i in range(0, len(ids), batch_size):
+        b = ids[i : i + batch_size]
+        logits = model(input_ids=b, use_cache=False).logits[:, :-1].float()
+        total += F.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
+        n += b[:, 1:].numel()
+    return total / n
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"foldgpt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+# ---- analyze ------------------------------------------------------------------------------------------
+def analyze(models: list[str] | str, text: list[str] | str | None = None, out: str | Path = "analysis",
+            seq_len: int = 256, n_seqs: int = 32, seed: int = 0, overwrite: bool = True) -> dict:
+    """Per-block similarity, BI, full similarity matrix and angular distances for one or more models.
+
+    Writes analysis.json, one heatmap per model and similarity.png (one line per model)."""
+    models = [models] if isinstance(models, str) else list(models)
+    corpus = load_text(text)
+    results = {}
+    with atomic_dir(out, overwrite) as tmp:
+        for name in models:
+            model, tok = load_model(name)
+            adapter = get_adapter(model.config)
+            bos = needs_bos(tok, adapter.needs_bos)
+            calib = calibration_batches(tokenize(tok, corpus.text), n_seqs, seq_len, seed,
+                                        tok.bos_token_id if bos else None)
+            sim = similarity(model, adapter, calib, skip_first=bos)
+            results[name] = analysis_dict(sim)
+            stem = _slug(name)
+            plot_heatmap(results[name]["similarity_matrix"], tmp / f"heatmap_{stem}.png", f"{name}: mean cosine")
+        plot_similarity_lines({n: r["cosine"] for n, r in results.items()}, tmp / "similarity.png")
+        write_json_atomic(tmp / "analysis.json", {"text": corpus.sources, "text_sha256": corpus.sha256,
+                                                  "seq_len": seq_len, "n_seqs": n_seqs, "models": results})
+    log.info("analysis written to %s", out)
+    return results
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name or name)
+
+
+# ---- compress -----------------------------------------------------------------------------------------
+@dataclass
+class CompressResult:
+    out: Path
+    plan: Plan
+    summary: dict
+    table: str
+    model: torch.nn.Module = field(repr=False)
+    tokenizer: object = field(repr=False)
+
+
+def compress(model: str, text: list[str] | str | None, out: str | Path, config: CompressConfig | None = None,
+             plan: str | Path | Plan | None = None, overwrite: bool = False,
+             convert_cache: str | Path | None = None) -> CompressResult:
+    """Compress `model` (alias, folder, .gguf, hub id) into the folder `out`. Mirrors `foldgpt compress`."""
+    cfg = config or CompressConfig()
+    method = get_method(cfg.method)
+    if Path(out).exists() and not overwrite:
+        raise FoldGPTError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    given_plan = Plan.load(plan) if isinstance(plan, (str, Path)) else plan
+    corpus = load_text(text)
+    timer = Timer()
+    n_stages = 6
+    with timer.stage("Loading", 1, n_stages):
+        dense, tok = load_model(model, convert_cache)
+        adapter = get_adapter(dense.config)
+        bos = needs_bos(tok, adapter.needs_bos)
+        ids = tokenize(tok, corpus.text)
+        calib = calibration_batches(ids, cfg.calib_seqs, cfg.seq_len, cfg.seed, tok.bos_token_id if bos else None)
+        log.info("calibration: %d tokens of text, %d windows of %d", ids.numel(), len(calib), cfg.seq_len)
+    torch.manual_seed(cfg.seed)
+    num_layers = len(adapter.layers(dense))
+    with timer.stage("Analyzing", 2, n_stages):
+        sim = similarity(dense, adapter, calib[: min(32, len(calib))], skip_first=bos)
+        analysis = analysis_dict(sim)
+    budget = plan_budget(dense, adapter, num_layers, cfg.target_params, cfg.remove_rate, cfg.remove_share,
+                         cfg.fold.group_size if method.folds else 1, cfg.fold.adapter_rank,
+                         cfg.fold.shared_linears or None)
+    log.info("budget: remove %d layers, fold %d children (predicted %s unique params of %s)",
+             budget.n_remove, budget.n_fold, fmt_int(budget.predicted_params), fmt_int(budget.base_params))
+    ctx = Context(dense, adapter, calib, cfg, budget, bos, sim)
+    with timer.stage("Planning" if given_plan is None else "Applying plan", 3, n_stages):
+        if given_plan is not None:
+            if given_plan.num_layers != num_layers or given_plan.model_type != dense.config.model_type:
+                raise FoldGPTError("the plan was made for a different model (layer count or type differ)")
+            the_plan = given_plan
+        else:
+            the_plan = method.run(ctx)
+        the_plan.provenance = {
+            "model": model, "text": corpus.sources, "text_sha256": corpus.sha256, "seed": cfg.seed,
+            "config": cfg.to_dict(), "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        student = clone_sharing_weights(dense)
+        apply_plan_(student, the_plan, adapter, seed=cfg.seed)
+    held = calib[: min(16, len(calib))]
+    do_cure = method.cures_by_default if cfg.cure is None else cfg.cure
+    with timer.stage("Curing", 4, n_stages):
+        loss_before_cure = calibration_loss(student, held)
+        cure_info = (run_cure(student, dense, adapter, calib, cfg.cure_cfg, seed=cfg.seed) if do_cure
+                     else {"steps": 0, "trainable_params": 0, "history": []})
+    with timer.stage("Measuring", 5, n_stages):
+        summary = _summary(dense, student, adapter, the_plan, held, loss_before_cure, cure_info, cfg, analysis,
+                           budget, do_cure)
+    with timer.stage("Saving", 6, n_stages):
+        summary["seconds"] = timer.seconds
+        with atomic_dir(out, overwrite) as tmp:
+            _write_outputs(tmp, student, tok, the_plan, summary, analysis, ctx.info, cure_info, model)
+        summary["seconds"] = dict(timer.seconds)
+        write_json_atomic(Path(out) / "summary.json", summary)
+    table = summary_table(summary)
+    return CompressResult(Path(out), the_plan, summary, table, student, tok)
+
+
+def _summary(dense, student, adapter, plan, held, loss_before_cure, cure_info, cfg, analysis, budget,
+             cured) -> dict:
+    base, uniq = unique_params(dense), unique_params(student)
+    f_base, f_new = flops_per_token(dense, adapter, cfg.seq_len), flops_per_token(student, adapter, cfg.seq_len)
+    return {
+        "method": plan.method,
+        "base_params": base,
+        "unique_params": uniq,
+        "params_ratio": uniq / base,
+        "target_params": cfg.target_params,
+        "flops_per_token_base": f_base,
+        "flops_per_token": f_new,
+        "flops_ratio": f_new / f_base,
+        "depth_base": len(adapter.layers(dense)),
+        "depth": len(adapter.layers(student)),
+        "removed": plan.removed,
+        "groups": plan.groups,
+        "calib_loss_dense": calibration_loss(dense, held),
+        "calib_loss_before_cure": loss_before_cure,
+        "calib_loss": calibration_loss(student, held),
+        "cured": cured,
+        "cure_steps": cure_info.get("steps", 0),
+        "trainable_params": cure_info.get("trainable_params", 0),
+        "budget": {"n_remove": budget.n_remove, "n_fold": budget.n_fold},
+    }
+
+
+def summary_table(s: dict) -> str:
+    rows = [
+        ["unique params", fmt_int(s["base_params"]), fmt_int(s["unique_params"]), f"{s['params_ratio']:.1%}"],
+        ["FLOPs / token", fmt_int(s["flops_per_token_base"]), fmt_int(s["flops_per_token"]), f"{s['flops_ratio']:.1%}"],
+        ["depth (positions)", s["depth_base"], s["depth"], ""],
+        ["calibration loss (nats)", f"{s['calib_loss_dense']:.4f}", f"{s['calib_loss']:.4f}",
+         f"before cure {s['calib_loss_before_cure']:.4f}"],
+    ]
+    out = text_table(["", "before", "after", "ratio / note"], rows)
+    out += "\n\n" + text_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in s["seconds"].items()])
+    return out
+
+
+def _write_outputs(tmp: Path, student, tok, plan: Plan, summary: dict, analysis: dict, info: dict, cure_info: dict,
+                   source: str) -> None:
+    from .folded import base_config_dict, save_folded
+
+    base_cfg = base_config_dict(student, plan.num_layers, plan.layer_kinds)
+    save_folded(student, tok, plan, tmp, base_cfg)
+    plan.save(tmp / "plan.json")
+    write_json_atomic(tmp / "analysis.json", analysis)
+    plot_heatmap(analysis["similarity_matrix"], tmp / "similarity_heatmap.png", f"{source}: mean cosine")
+    plot_similarity_lines({source: analysis["cosine"]}, tmp / "similarity.png")
+    figs = ["similarity.png", "similarity_heatmap.png"]
+    if plan.gates:
+        plot_gates(list(plan.gates), list(plan.gates.values()), plan.removed, tmp / "gates.png")
+        figs.append("gates.png")
+        hist = info.get("gate_history", [])
+        plot_curves({"KL to dense": [h["kl"] for h in hist]}, tmp / "gate_training.png", "KL", "gate training")
+        figs.append("gate_training.png")
+    if cure_info.get("history"):
+        h = cure_info["history"]
+        plot_curves({"KL": [x["kl"] for x in h], "tail MSE": [x["tail"] for x in h]}, tmp / "cure.png",
+                    "loss", "cure")
+        figs.append("cure.png")
+    summary["files"] = sorted(p.name for p in tmp.iterdir()) + ["report.md", "summary.json"]
+    write_json_atomic(tmp / "summary.json", summary)
+    (tmp / "report.md").write_text(_report_md(summary, plan, figs, source))
+
+
+def _report_md(s: dict, plan: Plan, figs: list[str], source: str) -> str:
+    lm = plan.layer_map()
+    rows = [[m["position"], m["source"], m["weights_from"], "yes" if m["shared"] else "", m["kind"],
+             ",".join(m["removed_sublayers"])] for m in lm]
+    parts = [
+        f"# foldgpt report: {source}",
+        f"Method **{s['method']}**: {fmt_int(s['base_params'])} -> {fmt_int(s['unique_params'])} unique parameters "
+        f"({s['params_ratio']:.1%}), FLOPs per token {s['flops_ratio']:.1%} of dense, depth {s['depth_base']} -> "
+        f"{s['depth']}.",
+        f"Removed units: {', '.join(plan.removed) or 'none'}. Folded groups (parent first): "
+        f"{', '.join(str(g) for g in plan.groups) or 'none'}.",
+        "## Summary",
+        "```\n" + summary_table(s) + "\n```",
+        "## Layer map",
+        markdown_table(["position", "original layer", "weights from", "shared", "kind", "removed sub-blocks"], rows),
+        "## Figures",
+        *[f"![{f}]({f})" for f in figs],
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+# ---- evaluate -----------------------------------------------------------------------------------------
+def evaluate(models: list[str] | str, text: list[str] | str, seq_len: int = 512, max_tokens: int | None = None,
+             json_out: str | Path | None = None, batch_size: int = 4) -> list[dict]:
+    """Perplexity (and bits per byte) of one or more models on the same text. Mirrors `foldgpt eval`."""
+    models = [models] if isinstance(models, str) else list(models)
+    if not text:
+        raise FoldGPTError("give evaluation text with --text (a .txt/.jsonl file, a directory or a dataset name)")
+    corpus = load_text(text, split="test")
+    rows = []
+    for name in models:
+        model, tok = load_model(name)
+        adapter = get_adapter(model.config)
+        bos = needs_bos(tok, adapter.needs_bos)
+        res = perplexity(model, tok, tokenize(tok, corpus.text), seq_len, bos, max_tokens, batch_size)
+        row = {"model": name, **res.to_dict(), "unique_params": unique_params(model), "text": corpus.sources}
+        rows.append(row)
+        log.info("%s: perplexity %.3f over %d tokens", name, res.perplexity, res.tokens)
+    if json_out is not None:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(json_out, rows)
+    return rows
+
+
+def eval_table(rows: list[dict]) -> str:
+    headers = ["model", "perplexity", "bits/byte", "tokens", "unique params"]
+    return text_table(headers, [[r["model"], ppl(r["perplexity"]), f"{r['bits_per_byte']:.4f}", r["tokens"],
+                                 fmt_int(r["unique_params"])] for r in rows])
+
+
+def load(path: str | Path):
+    """Load a compressed folder (or any supported model) as (model, tokenizer)."""
+    return load_model(str(path))
+
+
+__all__ = ["analyze", "compress", "evaluate", "load", "CompressResult"]

@@ -1,0 +1,130 @@
+"""`foldgpt` command line: a thin layer over foldgpt.api."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+EPILOG = """quick start:
+  foldgpt compress smollm2-135m --text my_corpus/ --target-params 0.75 --out small/
+  foldgpt eval smollm2-135m small/ --text held_out.txt --seq-len 512 --json ppl.json
+  foldgpt analyze smollm2-135m gemma3-270m --text my_corpus/ --out analysis/
+"""
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="foldgpt", description="Compress LLMs in depth: gated removal + folding + cure.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    a = sub.add_parser("analyze", help="block redundancy: cosine, BI, similarity matrix, plots")
+    a.add_argument("models", nargs="+")
+    a.add_argument("--text", nargs="*", default=None)
+    a.add_argument("--out", default="analysis")
+    a.add_argument("--seq-len", type=int, default=256)
+    a.add_argument("--n-seqs", type=int, default=32)
+    a.add_argument("--seed", type=int, default=0)
+
+    c = sub.add_parser("compress", help="compress a model into a folder")
+    c.add_argument("model", help="alias (smollm2-135m, gemma3-270m), local folder, .gguf file or hub id")
+    c.add_argument("--text", nargs="*", default=None, help=".txt/.jsonl files, directories or dataset names")
+    c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--method", default="foldgpt")
+    c.add_argument("--target-params", type=float, default=None, help="fraction of unique parameters kept (0.75)")
+    c.add_argument("--remove-rate", type=float, default=None, help="fraction of layers removed")
+    c.add_argument("--group-size", type=int, default=2)
+    c.add_argument("--remove-share", type=float, default=0.5, help="with only a target: share of savings by removal")
+    c.add_argument("--plan", default=None, help="re-apply a plan.json instead of learning one")
+    c.add_argument("--unit", choices=["layer", "sublayer"], default="layer")
+    c.add_argument("--protect-ends", action="store_true", help="never remove the first and last layer")
+    c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--calib-seqs", type=int, default=512)
+    c.add_argument("--gate-steps", type=int, default=48)
+    c.add_argument("--adapter-rank", type=int, default=8)
+    c.add_argument("--adapter-init", choices=["zero", "svd"], default="zero")
+    c.add_argument("--fold-select", choices=["loss", "adjacent"], default="loss")
+    c.add_argument("--cure-steps", type=int, default=100)
+    c.add_argument("--cure-lr", type=float, default=2e-3)
+    c.add_argument("--tail-layers", type=int, default=2)
+    cure = c.add_mutually_exclusive_group()
+    cure.add_argument("--cure", dest="cure", action="store_true", default=None, help="cure any method")
+    cure.add_argument("--no-cure", dest="cure", action="store_false")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--convert-cache", default=None, help="where GGUF conversions are cached")
+
+    e = sub.add_parser("eval", help="perplexity of one or more models on the same text")
+    e.add_argument("models", nargs="+")
+    e.add_argument("--text", nargs="*", required=True)
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--max-tokens", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--json", default=None)
+    return p
+
+
+def _compress(args) -> int:
+    from .api import compress
+    from .config import CompressConfig, CureConfig, FoldConfig, GateConfig
+
+    target = args.target_params
+    if target is None and args.remove_rate is None and args.plan is None:
+        target = 0.75
+    cfg = CompressConfig(
+        method=args.method, target_params=target, remove_rate=args.remove_rate, remove_share=args.remove_share,
+        protect_ends=args.protect_ends, seq_len=args.seq_len, calib_seqs=args.calib_seqs, seed=args.seed,
+        cure=args.cure,
+        gate=GateConfig(unit=args.unit, steps=args.gate_steps),
+        fold=FoldConfig(group_size=args.group_size, adapter_rank=args.adapter_rank, adapter_init=args.adapter_init,
+                        select=args.fold_select),
+        cure_cfg=CureConfig(steps=args.cure_steps, lr=args.cure_lr, tail_layers=args.tail_layers),
+    ) if target is not None or args.remove_rate is not None else CompressConfig(
+        method=args.method, target_params=None, remove_rate=0.0, seed=args.seed, cure=args.cure,
+        cure_cfg=CureConfig(steps=args.cure_steps, lr=args.cure_lr, tail_layers=args.tail_layers))
+    res = compress(args.model, args.text, args.out, cfg, plan=args.plan, overwrite=args.overwrite,
+                   convert_cache=args.convert_cache)
+    print(res.table)
+    print(f"\nwrote {res.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import FoldGPTError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.cmd == "compress":
+            return _compress(args)
+        if args.cmd == "eval":
+            from .api import eval_table, evaluate
+
+            rows = evaluate(args.models, args.text, args.seq_len, args.max_tokens, args.json, args.batch_size)
+            print(eval_table(rows))
+            return 0
+        if args.cmd == "analyze":
+            from .api import analyze
+
+            res = analyze(args.models, args.text, args.out, args.seq_len, args.n_seqs, args.seed)
+            print(json.dumps({m: [round(x, 4) for x in r["cosine"]] for m, r in res.items()}))
+            return 0
+    except FoldGPTError as exc:
+        print(f"foldgpt: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

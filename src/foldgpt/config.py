@@ -1,0 +1,97 @@
+"""Typed, validated configuration for every stage. The CLI fills these; library code never sees argparse."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .errors import FoldGPTError
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise FoldGPTError(msg)
+
+
+@dataclass
+class GateConfig:
+    unit: str = "layer"  # "layer" or "sublayer" (attention and MLP separately)
+    steps: int = 48
+    batch_size: int = 4
+    budget: str = "project"  # "project" (hard budget, scale-free steps) or "penalty" (Adam + penalty)
+    lr: float = 0.05
+    momentum: float = 0.5
+    lambda_pol: float = 0.5
+    pol_t: float = 1.0
+    lambda_budget: float = 20.0
+    anneal: float = 0.6  # fraction of steps over which the budget tightens from 1 to its target
+
+    def __post_init__(self):
+        _check(self.unit in ("layer", "sublayer"), f"gate unit must be 'layer' or 'sublayer', got '{self.unit}'")
+        _check(self.steps >= 1, "gate steps must be >= 1")
+        _check(self.budget in ("project", "penalty"), "gate budget must be 'project' or 'penalty'")
+
+
+@dataclass
+class FoldConfig:
+    group_size: int = 2
+    adapter_rank: int = 8
+    adapter_init: str = "zero"
+    shared_linears: list[str] = field(default_factory=list)  # empty: every Linear of the block
+    select: str = "loss"  # how to choose the groups: "loss" (calibration KL when folded) or "adjacent"
+    position_gates: bool = False
+    cost_batch: int = 2
+
+    def __post_init__(self):
+        _check(self.group_size >= 1, "group size must be >= 1 (1 disables folding)")
+        _check(self.adapter_rank >= 0, "adapter rank must be >= 0")
+        _check(self.adapter_init in ("zero", "svd"), "adapter init must be 'zero' or 'svd'")
+        _check(self.select in ("loss", "adjacent"), "fold selection must be 'loss' or 'adjacent'")
+
+
+@dataclass
+class CureConfig:
+    steps: int = 100
+    batch_size: int = 4
+    lr: float = 2e-3
+    warmup: int = 10
+    alpha_kl: float = 1.0
+    beta_tail: float = 1.0
+    gamma_ce: float = 0.0
+    tail_layers: int = 2
+    tau: float = 1.0
+    train_all_norms: bool = True
+
+    def __post_init__(self):
+        _check(self.steps >= 0, "cure steps must be >= 0")
+        _check(self.tail_layers >= 0, "tail layers must be >= 0")
+
+
+@dataclass
+class CompressConfig:
+    method: str = "foldgpt"
+    target_params: float | None = 0.75  # fraction of unique parameters kept
+    remove_rate: float | None = None  # fraction of layers removed (with group_size: sets the split directly)
+    remove_share: float = 0.5  # with only a target: share of the savings taken by removal
+    protect_ends: bool = False
+    seq_len: int = 256
+    calib_seqs: int = 512
+    seed: int = 0
+    cure: bool | None = None  # None: the method's default (foldgpt cures, peers do not)
+    gate: GateConfig = field(default_factory=GateConfig)
+    fold: FoldConfig = field(default_factory=FoldConfig)
+    cure_cfg: CureConfig = field(default_factory=CureConfig)
+
+    def __post_init__(self):
+        if self.target_params is not None:
+            _check(0.0 < self.target_params < 1.0,
+                   f"--target-params must be a fraction in (0, 1), got {self.target_params}")
+        if self.remove_rate is not None:
+            _check(0.0 <= self.remove_rate < 1.0, f"--remove-rate must be in [0, 1), got {self.remove_rate}")
+        _check(self.target_params is not None or self.remove_rate is not None,
+               "give --target-params or --remove-rate")
+        _check(0.0 <= self.remove_share <= 1.0, "remove share must be in [0, 1]")
+        _check(self.seq_len >= 8, "--seq-len must be >= 8")
+        _check(self.calib_seqs >= 1, "calibration sequences must be >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

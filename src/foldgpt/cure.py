@@ -1,0 +1,112 @@
+"""Stage 3: cure. Train only the small parameters (child norms, low-rank deltas, gates, optionally all
+norms) with tail-layer distillation from the original model."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter
+from .analysis import capture_hidden
+from .config import CureConfig
+from .gates import kl_div
+from .structure import SharedLinear
+
+log = logging.getLogger(__name__)
+
+
+def trainable_parameters(model: nn.Module, adapter: Adapter, train_all_norms: bool) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze the cure's parameter set and return it."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    chosen: dict[int, nn.Parameter] = {}
+    for layer in adapter.layers(model):
+        is_child = any(isinstance(m, SharedLinear) for m in layer.modules())
+        for name, mod in layer.named_modules():
+            if isinstance(mod, SharedLinear) and mod.rank > 0:
+                chosen[id(mod.lora_A)] = mod.lora_A
+                chosen[id(mod.lora_B)] = mod.lora_B
+            elif name in adapter.norms(layer) and (is_child or train_all_norms):
+                for p in mod.parameters(recurse=False):
+                    chosen[id(p)] = p
+        if hasattr(layer, "fold_gate"):
+            chosen[id(layer.fold_gate)] = layer.fold_gate
+    params = list(chosen.values())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def tail_mse(student: list[torch.Tensor], teacher: list[torch.Tensor], m: int) -> torch.Tensor:
+    """sum over the last m block outputs of ||h_S - h_T||^2 / ||h_T||^2 (aligned from the end)."""
+    if m == 0:
+        return torch.zeros(())
+    loss = torch.zeros(())
+    for hs, ht in zip(student[-m:], teacher[-m:]):
+        loss = loss + ((hs.float() - ht.float()) ** 2).sum() / (ht.float() ** 2).sum().clamp_min(1e-8)
+    return loss
+
+
+def lr_at(step: int, cfg: CureConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def cure(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torch.Tensor, cfg: CureConfig,
+         seed: int = 0) -> dict:
+    """Distil `teacher` into the trainable small parameters of `student`. Returns a summary."""
+    params = trainable_parameters(student, adapter, cfg.train_all_norms)
+    n_train = sum(p.numel() for p in params)
+    log.info("cure: %d trainable parameters, %d steps of %d x %d tokens", n_train, cfg.steps,
+             cfg.batch_size, batches.shape[1])
+    if cfg.steps == 0 or not params:
+        return {"trainable_params": n_train, "steps": 0, "history": []}
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    order = torch.randperm(len(batches), generator=g)
+    history = []
+    student.train(False)  # no dropout: distillation is deterministic
+    bar = tqdm(range(cfg.steps), desc="Cure", leave=False)
+    for step in bar:
+        take = [(step * cfg.batch_size + j) % len(batches) for j in range(cfg.batch_size)]
+        ids = batches[order[take]]
+        with torch.no_grad(), capture_hidden(teacher, adapter) as t_hidden:
+            t_logits = teacher(input_ids=ids, use_cache=False).logits
+        s_hidden: list[torch.Tensor] = []
+        hooks = [layer.register_forward_hook(
+            lambda mod, a, k, out: s_hidden.append(out[0] if isinstance(out, tuple) else out), with_kwargs=True)
+            for layer in adapter.layers(student)]
+        try:
+            s_logits = student(input_ids=ids, use_cache=False).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        kl = kl_div(t_logits, s_logits, cfg.tau)
+        tail = tail_mse(s_hidden, t_hidden[1:], min(cfg.tail_layers, len(s_hidden)))
+        loss = cfg.alpha_kl * kl + cfg.beta_tail * tail
+        if cfg.gamma_ce > 0:
+            ce = F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss = loss + cfg.gamma_ce * ce
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append({"step": step, "loss": loss.item(), "kl": kl.item(), "tail": tail.item()})
+        bar.set_postfix(kl=f"{kl.item():.3f}", tail=f"{tail.item():.3f}")
+    for p in params:
+        p.requires_grad_(False)
+    first = sum(h["kl"] for h in history[:5]) / min(5, len(history))
+    last = sum(h["kl"] for h in history[-5:]) / min(5, len(history))
+    log.info("cure: KL %.4f -> %.4f", first, last)
+    return {"trainable_params": n_train, "steps": cfg.steps, "kl_first": first, "kl_last": last,
+            "history": history}

@@ -1,0 +1,85 @@
+"""Compression methods, one registry. Each turns a calibration context into a Plan."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..adapters import Adapter
+from ..budget import Budget
+from ..config import CompressConfig
+from ..errors import FoldGPTError
+from ..plan import Plan
+
+
+@dataclass
+class Context:
+    """What every method gets: the dense model, its calibration tokens and the budget."""
+
+    model: nn.Module
+    adapter: Adapter
+    calib: torch.Tensor  # (N, T) token ids
+    cfg: CompressConfig
+    budget: Budget
+    bos: bool
+    similarity: torch.Tensor | None = None  # (L+1, L+1) mean cosine, from the analysis
+    info: dict = field(default_factory=dict)  # what the method wants in the summary (gate history...)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.adapter.layers(self.model))
+
+    def protected(self) -> set[int]:
+        return {0, self.num_layers - 1} if self.cfg.protect_ends else set()
+
+    def new_plan(self, removed: list[str], groups: list[list[int]], **kw) -> Plan:
+        return Plan(
+            num_layers=self.num_layers,
+            model_type=self.model.config.model_type,
+            removed=removed,
+            groups=groups,
+            layer_kinds=self.adapter.layer_kinds(self.model.config),
+            shared_linears=list(self.cfg.fold.shared_linears),
+            adapter_rank=self.cfg.fold.adapter_rank if groups else 0,
+            adapter_init=self.cfg.fold.adapter_init,
+            position_gates=self.cfg.fold.position_gates,
+            unit=self.cfg.gate.unit,
+            **kw,
+        )
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    run: Callable[[Context], Plan]
+    cures_by_default: bool
+    folds: bool  # uses the fold budget (removal + sharing) rather than removal only
+    description: str
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise FoldGPTError(f"unknown method '{name}'; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def lowest(scores: list[float], n: int, protected: set[int]) -> list[int]:
+    """Indices of the n lowest scores, skipping protected ones."""
+    order = [i for i in sorted(range(len(scores)), key=lambda i: scores[i]) if i not in protected]
+    if n > len(order):
+        raise FoldGPTError(f"cannot remove {n} layers: only {len(order)} are removable")
+    return sorted(order[:n])
+
+
+from . import foldgpt, shortgpt  # noqa: E402,F401  (registration)

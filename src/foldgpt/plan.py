@@ -1,0 +1,127 @@
+"""The fold plan: every decision of a compression run, as a JSON artifact that can be re-applied."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import FoldGPTError
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class Plan:
+    """What to remove and what to fold, in terms of the *original* layer indices.
+
+    removed: units to delete: "7" is a whole layer, "7.attn" / "7.mlp" a sub-block.
+    groups:  folded groups [parent, child, ...] of retained layers; children run the parent's
+             Linear weights (by reference) and keep their own norms.
+    """
+
+    num_layers: int
+    model_type: str
+    removed: list[str] = field(default_factory=list)
+    groups: list[list[int]] = field(default_factory=list)
+    layer_kinds: list[str] = field(default_factory=list)
+    shared_linears: list[str] = field(default_factory=list)  # empty = every Linear of the layer
+    adapter_rank: int = 0
+    adapter_init: str = "zero"  # "zero" (LoRA: B=0) or "svd" (truncated SVD of W_child - W_parent)
+    position_gates: bool = False  # a learnable scalar gate on every retained position
+    method: str = "foldgpt"
+    unit: str = "layer"
+    gates: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived views -----------------------------------------------------------------------
+    def removed_layers(self) -> set[int]:
+        return {int(u) for u in self.removed if "." not in u}
+
+    def removed_sublayers(self) -> dict[int, set[str]]:
+        out: dict[int, set[str]] = {}
+        for u in self.removed:
+            if "." in u:
+                layer, part = u.split(".")
+                out.setdefault(int(layer), set()).add(part)
+        return out
+
+    def kept_layers(self) -> list[int]:
+        gone = self.removed_layers()
+        return [i for i in range(self.num_layers) if i not in gone]
+
+    def parent_of(self) -> dict[int, int]:
+        return {c: g[0] for g in self.groups for c in g[1:]}
+
+    def layer_map(self) -> list[dict]:
+        """One entry per position of the compressed model: which original layer it came from,
+        which layer's weights it runs, and which sub-blocks it lost."""
+        parents = self.parent_of()
+        subs = self.removed_sublayers()
+        return [
+            {
+                "position": pos,
+                "source": layer,
+                "weights_from": parents.get(layer, layer),
+                "shared": layer in parents,
+                "kind": self.layer_kinds[layer] if self.layer_kinds else "full_attention",
+                "removed_sublayers": sorted(subs.get(layer, ())),
+            }
+            for pos, layer in enumerate(self.kept_layers())
+        ]
+
+    def validate(self) -> None:
+        if self.version > PLAN_VERSION:
+            raise FoldGPTError(f"plan version {self.version} is newer than this foldgpt ({PLAN_VERSION}); upgrade")
+        kept = set(self.kept_layers())
+        if not kept:
+            raise FoldGPTError("the plan removes every layer; lower the compression target")
+        seen: set[int] = set()
+        for g in self.groups:
+            if len(g) < 2 or g != sorted(g):
+                raise FoldGPTError(f"plan group {g} must list >= 2 layers in increasing order")
+            for layer in g:
+                if layer not in kept or layer in seen:
+                    raise FoldGPTError(f"plan group {g} uses layer {layer}, which is removed or already grouped")
+                seen.add(layer)
+            if self.layer_kinds and len({self.layer_kinds[i] for i in g}) > 1:
+                raise FoldGPTError(f"plan group {g} mixes attention kinds; only same-kind layers may share")
+
+    # ---- I/O --------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layer_map"] = self.layer_map()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise FoldGPTError(f"plan file not found: {path}") from None
+        except (ValueError, TypeError) as exc:
+            raise FoldGPTError(f"{path} is not a valid foldgpt plan: {exc}") from None
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -1,0 +1,82 @@
+"""Tiny random models built from configs, with a small trained tokenizer: no downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+    "of a wife. However little known the feelings or views of such a man may be on his first entering a "
+    "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
+    "the rightful property of some one or other of their daughters. The quick brown fox jumps over the lazy dog. "
+)
+
+
+def sample_text(n_chars: int = 20000, seed: int = 0) -> str:
+    """Deterministic pseudo-English text made by shuffling the words of TEXT."""
+    g = torch.Generator().manual_seed(seed)
+    words = TEXT.split()
+    out, size = [], 0
+    while size < n_chars:
+        w = words[int(torch.randint(len(words), (1,), generator=g))]
+        out.append(w)
+        size += len(w) + 1
+    return " ".join(out)
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_config(kind: str, layers: int = 6):
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if kind == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=True)
+    if kind == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=False)
+    if kind == "gemma3":
+        return Gemma3TextConfig(**common, head_dim=8, sliding_window=16, query_pre_attn_scalar=8,
+                                layer_types=["sliding_attention" if (i + 1) % 3 else "full_attention"
+                                             for i in range(layers)])
+    raise ValueError(kind)
+
+
+def tiny_model(kind: str, layers: int = 6, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, layers), dtype=torch.float32)
+    # make blocks do something measurable: scale up the random init so residual branches matter
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "embed" not in name:
+                p.mul_(4.0)
+    return model.eval()
+
+
+def save_tiny(path: Path, kind: str, layers: int = 6, seed: int = 0, zero_layer: int | None = None) -> Path:
+    """Write a tiny model folder; `zero_layer` plants a useless block (zeroed output projections)."""
+    model = tiny_model(kind, layers, seed)
+    if zero_layer is not None:
+        layer = model.model.layers[zero_layer]
+        with torch.no_grad():
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
