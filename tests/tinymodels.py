@@ -56,16 +56,25 @@ def tiny_config(kind: str, layers: int = 6):
     raise ValueError(kind)
 
 
-def tiny_model(kind: str, layers: int = 6, seed: int = 0):
+def tiny_model(kind: str, layers: int = 6, seed: int = 0, train_steps: int = 40):
+    """A tiny model briefly trained on sample text, so that its blocks do something measurable."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(kind, layers), dtype=torch.float32)
-    # make blocks do something measurable: scale up the random init so residual branches matter
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "embed" not in name:
-                p.mul_(4.0)
+    if train_steps:
+        tok = make_tokenizer()
+        ids = torch.tensor(tok(sample_text(8000, seed))["input_ids"])
+        g = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        model.train()
+        for _ in range(train_steps):
+            starts = torch.randint(0, ids.numel() - 33, (8,), generator=g)
+            batch = torch.stack([ids[s : s + 32] for s in starts.tolist()])
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     return model.eval()
 
 
