@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .gates import kl_div
-from .structure import _set_submodule
+from .structure import set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +21,12 @@ def borrowed_weights(child: nn.Module, parent: nn.Module, paths: list[str]):
     """Temporarily make `child` run `parent`'s Linears (no copy), keeping its own norms."""
     saved = {p: child.get_submodule(p) for p in paths}
     for p in paths:
-        _set_submodule(child, p, parent.get_submodule(p))
+        set_submodule(child, p, parent.get_submodule(p))
     try:
         yield
     finally:
         for p, m in saved.items():
-            _set_submodule(child, p, m)
+            set_submodule(child, p, m)
 
 
 def candidate_groups(kept: list[int], kinds: list[str], group_size: int) -> list[list[int]]:

@@ -1,96 +1,81 @@
-"""The folded model on disk: a Hugging Face-style folder holding every unique tensor once.
+"""The folded checkpoint on disk: a Hugging Face folder holding every unique tensor once.
 
-config.json   model_type "foldgpt", the base model's config nested under "base_config", the plan
-model.safetensors   the compressed model's state dict with aliases (shared and tied weights) dropped
-Loading builds the skeleton on the meta device, applies the plan (children reference their parent's
-Linears), allocates each unique tensor once and copies the stored weights in.
+config.json         model_type "foldgpt", the base config nested ("base_config"), the runtime layout
+                    ("fold_layout") and the plan; "auto_map" points at the bundled modeling file
+model.safetensors   the compressed model's tensors, aliases (shared and tied weights) stored once
+modeling_foldgpt.py the runtime (torch + transformers only), for trust_remote_code loading
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from . import modeling_foldgpt
 from .adapters import get_adapter
 from .errors import FoldGPTError
+from .modeling_foldgpt import WEIGHTS_NAME, alias_keys, load_folded_model
 from .plan import Plan
-from .structure import apply_plan_
+from .structure import layout_from_plan
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
+AUTO_MAP = {
+    "AutoConfig": "modeling_foldgpt.FoldGPTConfig",
+    "AutoModelForCausalLM": "modeling_foldgpt.FoldGPTForCausalLM",
+}
 
 
-def dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict with each storage once (first key wins) and the map alias -> stored key."""
-    out: dict[str, torch.Tensor] = {}
-    owner: dict[tuple, str] = {}
-    aliases: dict[str, str] = {}
-    for k, v in model.state_dict(keep_vars=False).items():
-        key = (v.data_ptr(), v.shape, v.stride(), v.dtype) if v.numel() else ("empty", k)
-        if key in owner:
-            aliases[k] = owner[key]
-            continue
-        owner[key] = k
-        out[k] = v.detach().contiguous().clone() if not v.is_contiguous() else v.detach()
-    return out, aliases
+def dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with each storage once (first key wins): no two saved tensors share memory."""
+    aliases = alias_keys(model)
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in aliases}
 
 
 def base_config_dict(model: nn.Module, num_layers: int, layer_kinds: list[str]) -> dict:
+    """The dense base model's config (all original layers), as the folded config nests it."""
     cfg = model.config.to_dict()
     cfg["num_hidden_layers"] = num_layers
     if cfg.get("layer_types") is not None:
         cfg["layer_types"] = list(layer_kinds)
-    cfg.pop("quantization_config", None)
+    for k in ("quantization_config", "_name_or_path", "transformers_version", "architectures"):
+        cfg.pop(k, None)
     return cfg
+
+
+def folded_config(model: nn.Module, plan: Plan, base_config: dict, extra: dict | None = None) -> dict:
+    adapter = get_adapter(model.config)
+    return {
+        "model_type": "foldgpt",
+        "architectures": ["FoldGPTForCausalLM"],
+        "auto_map": AUTO_MAP,
+        "base_model_type": base_config["model_type"],
+        "base_config": base_config,
+        "fold_layout": layout_from_plan(plan, adapter),
+        "fold_plan": {k: v for k, v in plan.to_dict().items() if k != "provenance"},
+        **(extra or {}),
+    }
 
 
 def save_folded(model: nn.Module, tokenizer, plan: Plan, out: str | Path, base_config: dict,
                 extra_config: dict | None = None) -> None:
     """Write the compressed model into an existing (temporary) folder."""
     out = Path(out)
-    state, aliases = dedup_state_dict(model)
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "foldgpt_aliases": json.dumps(aliases)})
-    config = {
-        "model_type": "foldgpt",
-        "architectures": ["FoldGPTForCausalLM"],
-        "base_config": base_config,
-        "fold_plan": plan.to_dict(),
-        **(extra_config or {}),
-    }
+    save_file(dedup_state_dict(model), str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    config = folded_config(model, plan, base_config, extra_config)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copyfile(modeling_foldgpt.__file__, out / "modeling_foldgpt.py")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(out)
-
-
-def build_skeleton(base_config: dict, plan: Plan, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The compressed architecture with empty (uninitialised) storage, each unique tensor once."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = dict(base_config)
-    model_type = cfg.pop("model_type")
-    config = AutoConfig.for_model(model_type, **cfg)
-    adapter = get_adapter(config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    apply_plan_(model, plan, adapter)
-    model.to_empty(device="cpu")
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    # non-persistent buffers (rotary frequencies, embedding scales) are not stored: recompute them
-    with torch.no_grad():
-        for mod in model.modules():
-            if any(True for _ in mod.buffers(recurse=False)):
-                model._init_weights(mod)
-    return model
 
 
 def load_folded(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -102,20 +87,15 @@ def load_folded(path: str | Path, dtype: torch.dtype = torch.float32):
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise FoldGPTError(f"{path} is not a foldgpt model folder: {exc}") from None
-    if config.get("model_type") != "foldgpt":
+    if config.get("model_type") != "foldgpt" or "fold_layout" not in config:
         raise FoldGPTError(f"{path}/config.json is not a foldgpt config (model_type={config.get('model_type')})")
-    plan = Plan.from_dict(config["fold_plan"])
-    model = build_skeleton(config["base_config"], plan, dtype)
-    state = load_file(str(path / WEIGHTS_NAME))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    _, expected_aliases = dedup_state_dict(model)
-    bad_missing = set(missing) - set(expected_aliases)
-    if unexpected or bad_missing:
-        raise FoldGPTError(
-            f"{path} does not match its plan: missing {sorted(bad_missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
-        )
-    model.eval()
-    model.config._name_or_path = str(path)
-    model.fold_plan = plan
+    if not (path / WEIGHTS_NAME).exists():
+        raise FoldGPTError(f"{path} has no {WEIGHTS_NAME}")
+    try:
+        model = load_folded_model(str(path), dtype)
+    except ValueError as exc:
+        raise FoldGPTError(str(exc)) from None
+    if config.get("fold_plan"):
+        model.fold_plan = Plan.from_dict(config["fold_plan"])
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return model, tok

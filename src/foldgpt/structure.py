@@ -12,57 +12,8 @@ import torch
 from torch import nn
 
 from .adapters import Adapter
+from .modeling_foldgpt import SharedLinear, ZeroBranch, add_position_gates_, apply_layout_, set_submodule  # noqa: F401
 from .plan import Plan
-
-
-class SharedLinear(nn.Module):
-    """A child's view of its parent's Linear: the same weights (one storage) plus an optional
-    low-rank delta B @ A owned by the child."""
-
-    def __init__(self, base: nn.Linear, rank: int = 0):
-        super().__init__()
-        self.base = base
-        self.rank = rank
-        self.in_features, self.out_features = base.in_features, base.out_features
-        if rank > 0:
-            w = base.weight
-            self.lora_A = nn.Parameter(torch.zeros(rank, base.in_features, dtype=w.dtype, device=w.device))
-            self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
-
-    @property
-    def weight(self) -> torch.Tensor:  # the effective weight, for export and inspection
-        w = self.base.weight
-        return w + self.lora_B @ self.lora_A if self.rank > 0 else w
-
-    @property
-    def bias(self):
-        return self.base.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
-        y = self.base(x)
-        if self.rank > 0:
-            y = y + (x @ self.lora_A.t()) @ self.lora_B.t()
-        return y
-
-
-class ZeroBranch(nn.Module):
-    """Stands in for a deleted attention or MLP sub-block: its residual contribution is zero."""
-
-    def __init__(self, returns_tuple: bool):
-        super().__init__()
-        self.returns_tuple = returns_tuple
-
-    def forward(self, hidden_states=None, *args, **kwargs):
-        if hidden_states is None:
-            hidden_states = args[0]
-        z = torch.zeros_like(hidden_states)
-        return (z, None) if self.returns_tuple else z
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, module)
 
 
 def init_lowrank_(shared: SharedLinear, own: nn.Linear | None, init: str, seed: int) -> None:
@@ -85,60 +36,41 @@ def init_lowrank_(shared: SharedLinear, own: nn.Linear | None, init: str, seed: 
             shared.lora_B.zero_()
 
 
-def remove_sublayer_(layer: nn.Module, adapter: Adapter, part: str) -> None:
-    """Delete a layer's attention ('attn') or MLP ('mlp') sub-block and its norms."""
-    branch = adapter.attn_branch if part == "attn" else adapter.mlp_branch
-    norms = adapter.attn_norms if part == "attn" else adapter.mlp_norms
-    _set_submodule(layer, branch, ZeroBranch(returns_tuple=part == "attn"))
-    for n in norms:
-        _set_submodule(layer, n, nn.Identity())
+def layout_from_plan(plan: Plan, adapter: Adapter) -> dict:
+    """The runtime layout (positions, parents, removed branches) of a plan, with the architecture names
+    the standalone modeling file needs."""
+    kept = plan.kept_layers()
+    pos = {layer: i for i, layer in enumerate(kept)}
+    return {
+        "num_layers": plan.num_layers,
+        "kept": kept,
+        "parents": {str(pos[c]): pos[p] for c, p in sorted(plan.parent_of().items())},
+        "removed_sublayers": {str(pos[layer]): sorted(parts)
+                              for layer, parts in sorted(plan.removed_sublayers().items()) if layer in pos},
+        "shared_linears": list(plan.shared_linears or adapter.linears),
+        "adapter_rank": plan.adapter_rank,
+        "position_gates": plan.position_gates,
+        "attn_branch": adapter.attn_branch,
+        "mlp_branch": adapter.mlp_branch,
+        "attn_norms": list(adapter.attn_norms),
+        "mlp_norms": list(adapter.mlp_norms),
+    }
 
 
 def apply_plan_(model: nn.Module, plan: Plan, adapter: Adapter, seed: int = 0) -> nn.Module:
-    """Apply a plan to a dense model in place: remove units, fold groups, add adapters and gates."""
-    layers = list(adapter.layers(model))
-    if len(layers) != plan.num_layers:
-        raise ValueError(f"plan is for {plan.num_layers} layers, model has {len(layers)}")
-    kinds = adapter.layer_kinds(model.config)
-    for layer_idx, parts in plan.removed_sublayers().items():
-        for part in sorted(parts):
-            remove_sublayer_(layers[layer_idx], adapter, part)
-    shared = plan.shared_linears or list(adapter.linears)
-    for group in plan.groups:
-        parent = layers[group[0]]
-        for child_idx in group[1:]:
-            child = layers[child_idx]
-            for path_idx, path in enumerate(shared):
-                own = child.get_submodule(path)
-                base = parent.get_submodule(path)
-                if isinstance(base, SharedLinear):  # pragma: no cover - parents are never children
-                    base = base.base
-                view = SharedLinear(base, plan.adapter_rank)
-                init_lowrank_(view, own if isinstance(own, nn.Linear) else None, plan.adapter_init,
-                              seed=seed * 1009 + child_idx * 31 + path_idx)
-                _set_submodule(child, path, view)
-    kept = plan.kept_layers()
-    adapter.set_layers(model, [layers[i] for i in kept], [kinds[i] for i in kept])
-    if plan.position_gates:
-        add_position_gates_(model, adapter)
-    return model
+    """Apply a plan to a dense model in place: remove units, fold groups, add deltas and gates."""
+    n = len(adapter.layers(model))
+    if n != plan.num_layers:
+        raise ValueError(f"plan is for {plan.num_layers} layers, model has {n}")
+    layout = layout_from_plan(plan, adapter)
+    paths = layout["shared_linears"]
 
+    def init_child(view: SharedLinear, own: nn.Module, pos: int, path: str) -> None:
+        if view.base.weight.device.type != "meta":
+            init_lowrank_(view, own if isinstance(own, nn.Linear) else None, plan.adapter_init,
+                          seed=seed * 1009 + pos * 31 + paths.index(path))
 
-# ---- per-position persistent gates ---------------------------------------------------------------
-def _gate_hook(module, args, kwargs, output):
-    h_in = args[0] if args else kwargs["hidden_states"]
-    out = output[0] if isinstance(output, tuple) else output
-    gated = h_in + module.fold_gate.to(out.dtype) * (out - h_in)
-    return (gated, *output[1:]) if isinstance(output, tuple) else gated
-
-
-def add_position_gates_(model: nn.Module, adapter: Adapter) -> None:
-    """A learnable scalar on each position's residual branch (h + g * (B(h) - h)), initialised at 1."""
-    for layer in adapter.layers(model):
-        if not hasattr(layer, "fold_gate"):
-            p = next(layer.parameters())
-            layer.fold_gate = nn.Parameter(torch.ones((), dtype=p.dtype, device=p.device))
-            layer.register_forward_hook(_gate_hook, with_kwargs=True)
+    return apply_layout_(model, layout, init_child)
 
 
 # ---- parameter accounting -------------------------------------------------------------------------
@@ -179,7 +111,7 @@ def flops_per_token(model: nn.Module, adapter: Adapter, seq_len: int = 512) -> i
         for m in layer.modules():
             if isinstance(m, nn.Linear):
                 total += 2 * m.in_features * m.out_features
-            elif isinstance(m, SharedLinear) and m.rank:
+            elif isinstance(m, SharedLinear) and m.rank > 0:
                 total += 2 * m.rank * (m.in_features + m.out_features)
         attn = layer.get_submodule(adapter.attn_branch)
         if not isinstance(attn, ZeroBranch):

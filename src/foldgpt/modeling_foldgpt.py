@@ -1,0 +1,215 @@
+"""The folded model's runtime: self-contained (imports only torch and transformers).
+
+This file is copied into every compressed folder, so `AutoModelForCausalLM.from_pretrained(DIR,
+trust_remote_code=True)` works where foldgpt is not installed; foldgpt itself uses the same code.
+
+A folded checkpoint is the base architecture with a *layout* applied:
+- `kept`: the original layer that each position comes from (removed layers are gone);
+- `parents`: for each shared position, the position whose Linear modules it runs (the same module
+  objects, so one storage), through a `SharedLinear` that may add its own low-rank delta;
+- `removed_sublayers`: attention/MLP branches deleted inside a kept layer (they contribute zero);
+- `position_gates`: an optional learnable scalar on each position's residual branch.
+Each position keeps its own attention module (own `layer_idx`), so the KV cache is indexed by position
+even where blocks share weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+class SharedLinear(nn.Module):
+    """A child's view of its parent's Linear: the same weights (one storage) plus an optional
+    low-rank delta B @ A owned by the child."""
+
+    def __init__(self, base: nn.Linear, rank: int = 0):
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.in_features, self.out_features = base.in_features, base.out_features
+        if rank > 0:
+            w = base.weight
+            self.lora_A = nn.Parameter(torch.zeros(rank, base.in_features, dtype=w.dtype, device=w.device))
+            self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
+
+    def merged_weight(self) -> torch.Tensor:
+        """The effective weight (parent's weight + this child's delta), for dense export."""
+        w = self.base.weight
+        return w + self.lora_B @ self.lora_A if self.rank > 0 else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
+        y = self.base(x)
+        if self.rank > 0:
+            y = y + (x @ self.lora_A.t()) @ self.lora_B.t()
+        return y
+
+
+class ZeroBranch(nn.Module):
+    """Stands in for a deleted attention or MLP sub-block: its residual contribution is zero."""
+
+    def __init__(self, returns_tuple: bool):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        if hidden_states is None:
+            hidden_states = args[0]
+        z = torch.zeros_like(hidden_states)
+        return (z, None) if self.returns_tuple else z
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def _gate_hook(module, args, kwargs, output):
+    h_in = args[0] if args else kwargs["hidden_states"]
+    out = output[0] if isinstance(output, tuple) else output
+    gated = h_in + module.fold_gate.to(out.dtype) * (out - h_in)
+    return (gated, *output[1:]) if isinstance(output, tuple) else gated
+
+
+def add_position_gates_(layers: nn.ModuleList) -> None:
+    """A learnable scalar on each position's residual branch (h + g * (B(h) - h)), initialised at 1."""
+    for layer in layers:
+        if not hasattr(layer, "fold_gate"):
+            p = next(layer.parameters())
+            layer.fold_gate = nn.Parameter(torch.ones((), dtype=p.dtype, device=p.device))
+            layer.register_forward_hook(_gate_hook, with_kwargs=True)
+
+
+def apply_layout_(model: nn.Module, layout: dict, init_child=None) -> nn.Module:
+    """Turn a dense base model (all original layers) into the folded one, in place.
+
+    `init_child(view, own_linear, position, path)` may initialise each child's low-rank delta from
+    its original weights before they are dropped."""
+    layers = list(model.model.layers)
+    kept = layout["kept"]
+    for pos, parts in layout.get("removed_sublayers", {}).items():
+        layer = layers[kept[int(pos)]]
+        for part in parts:
+            branch, norms, returns_tuple = (
+                (layout["attn_branch"], layout["attn_norms"], True) if part == "attn"
+                else (layout["mlp_branch"], layout["mlp_norms"], False)
+            )
+            set_submodule(layer, branch, ZeroBranch(returns_tuple))
+            for n in norms:
+                set_submodule(layer, n, nn.Identity())
+    for pos, parent_pos in layout.get("parents", {}).items():
+        child, parent = layers[kept[int(pos)]], layers[kept[parent_pos]]
+        for path in layout["shared_linears"]:
+            own = child.get_submodule(path)
+            view = SharedLinear(parent.get_submodule(path), layout.get("adapter_rank", 0))
+            if init_child is not None:
+                init_child(view, own, int(pos), path)
+            set_submodule(child, path, view)
+    new_layers = [layers[i] for i in kept]
+    model.model.layers = nn.ModuleList(new_layers)
+    model.config.num_hidden_layers = len(new_layers)
+    if getattr(model.config, "layer_types", None) is not None:
+        model.config.layer_types = [model.config.layer_types[i] for i in kept]
+    for i, layer in enumerate(new_layers):
+        for mod in (layer, getattr(layer, "self_attn", None)):
+            if mod is not None and hasattr(mod, "layer_idx"):
+                mod.layer_idx = i
+    if layout.get("position_gates"):
+        add_position_gates_(model.model.layers)
+    model.fold_layout = layout
+    return model
+
+
+def base_config_from_dict(d: dict) -> PretrainedConfig:
+    d = dict(d)
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def build_empty(base_config: dict, layout: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The folded architecture with uninitialised storage: every unique tensor allocated once, no copy
+    per position (the dense skeleton lives on the meta device, which costs no memory)."""
+    config = base_config_from_dict(base_config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    apply_layout_(model, layout)
+    model.to_empty(device="cpu")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    with torch.no_grad():  # non-persistent buffers (rotary frequencies, embedding scales) are not stored
+        for mod in model.modules():
+            if any(True for _ in mod.buffers(recurse=False)):
+                model._init_weights(mod)
+    return model
+
+
+def alias_keys(model: nn.Module) -> dict[str, str]:
+    """state_dict keys that alias an earlier key's storage (shared and tied weights) -> that key."""
+    owner: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), tuple(v.shape), v.stride(), v.dtype) if v.numel() else ("empty", k)
+        if key in owner:
+            aliases[k] = owner[key]
+        else:
+            owner[key] = k
+    return aliases
+
+
+def load_folded_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Build the folded model from a folder and copy its stored tensors in (no copy per position)."""
+    from transformers.modeling_utils import load_state_dict
+
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    model = build_empty(cfg["base_config"], cfg["fold_layout"], dtype)
+    state = load_state_dict(os.path.join(path, WEIGHTS_NAME))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = set(missing) - set(alias_keys(model))
+    if unexpected or bad:
+        raise ValueError(f"{path}: weights do not match the layout (missing {sorted(bad)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
+    model.eval()
+    model.config._name_or_path = str(path)
+    return model
+
+
+class FoldGPTConfig(PretrainedConfig):
+    """Config of a folded checkpoint: the base model's config nested, plus the fold layout."""
+
+    model_type = "foldgpt"
+
+    def __init__(self, base_config: dict | None = None, fold_layout: dict | None = None,
+                 fold_plan: dict | None = None, **kwargs):
+        self.base_config = base_config or {}
+        self.fold_layout = fold_layout or {}
+        self.fold_plan = fold_plan or {}
+        super().__init__(**kwargs)
+
+
+class FoldGPTForCausalLM(PreTrainedModel):
+    """Loader class for folded checkpoints. `from_pretrained` returns the base family's own model class
+    (e.g. LlamaForCausalLM) with the fold layout applied, so generate(), pipelines and PEFT work as
+    usual while shared blocks are held in memory once."""
+
+    config_class = FoldGPTConfig
+
+    def __init__(self, config: FoldGPTConfig):
+        super().__init__(config)
+        raise TypeError("build folded models with FoldGPTForCausalLM.from_pretrained(folder)")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        path = str(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            raise ValueError(f"folded checkpoints load from a local folder; {path} is not one")
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype")) or torch.float32
+        if isinstance(dtype, str):
+            dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
+        return load_folded_model(path, dtype)
