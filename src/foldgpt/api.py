@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -312,9 +313,71 @@ def eval_table(rows: list[dict]) -> str:
                                  fmt_int(r["unique_params"])] for r in rows])
 
 
+def info(path: str | Path) -> dict:
+    """What a compressed folder holds: base model, removed units, groups, sizes. Mirrors `foldgpt info`."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        raise FoldGPTError(f"{path} is not a model folder (no readable config.json)") from None
+    if config.get("model_type") != "foldgpt":
+        raise FoldGPTError(f"{path} is not a foldgpt folder (model_type {config.get('model_type')})")
+    summary = {}
+    if (path / "summary.json").exists():
+        summary = json.loads((path / "summary.json").read_text())
+    plan = config.get("fold_plan", {})
+    layout = config["fold_layout"]
+    prov = json.loads((path / "plan.json").read_text()).get("provenance", {}) if (path / "plan.json").exists() else {}
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    return {
+        "path": str(path),
+        "base_model": prov.get("model"),
+        "base_model_type": config.get("base_model_type"),
+        "method": plan.get("method"),
+        "layers_before": layout["num_layers"],
+        "positions": len(layout["kept"]),
+        "removed": plan.get("removed", []),
+        "groups": plan.get("groups", []),
+        "adapter_rank": layout.get("adapter_rank", 0),
+        "base_params": summary.get("base_params"),
+        "unique_params": summary.get("unique_params"),
+        "flops_ratio": summary.get("flops_ratio"),
+        "bytes_on_disk": sum(p.stat().st_size for p in files),
+        "weights_bytes": (path / "model.safetensors").stat().st_size if (path / "model.safetensors").exists() else None,
+    }
+
+
+def info_text(d: dict) -> str:
+    rows = [[k, d[k] if not isinstance(d[k], int) or isinstance(d[k], bool) else fmt_int(d[k])]
+            for k in d if d[k] is not None]
+    return text_table(["field", "value"], rows)
+
+
+def generate(path: str | Path, prompt: str, max_new_tokens: int = 64, sample: bool = False,
+             temperature: float = 0.7, chat: bool = True, seed: int = 0) -> str:
+    """Generate a continuation (with the chat template when the tokenizer has one). Mirrors `foldgpt generate`."""
+    model, tok = load_model(str(path))
+    if tok is None:
+        raise FoldGPTError(f"{path} has no tokenizer")
+    torch.manual_seed(seed)
+    if chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        adapter = get_adapter(model.config)
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        if needs_bos(tok, adapter.needs_bos) and (ids.numel() == 0 or ids[0, 0] != tok.bos_token_id):
+            ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
+    kw = {"do_sample": True, "temperature": temperature} if sample else {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, **kw)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
 def load(path: str | Path):
     """Load a compressed folder (or any supported model) as (model, tokenizer)."""
     return load_model(str(path))
 
 
-__all__ = ["analyze", "compress", "evaluate", "load", "CompressResult"]
+__all__ = ["analyze", "compress", "evaluate", "generate", "info", "load", "CompressResult"]

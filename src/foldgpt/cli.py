@@ -68,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--json", default=None)
+
+    x = sub.add_parser("export", help="export a folded model as a plain base-architecture checkpoint")
+    x.add_argument("model_dir")
+    x.add_argument("--dense", required=True, metavar="OUT", help="output folder")
+    x.add_argument("--overwrite", action="store_true")
+
+    i = sub.add_parser("info", help="what was removed and folded, and the sizes")
+    i.add_argument("model_dir")
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    g = sub.add_parser("generate", help="generate text (chat template when the tokenizer has one)")
+    g.add_argument("model_dir")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--sample", action="store_true", help="sample (default greedy)")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -113,6 +131,23 @@ def main(argv: list[str] | None = None) -> int:
 
             rows = evaluate(args.models, args.text, args.seq_len, args.max_tokens, args.json, args.batch_size)
             print(eval_table(rows))
+            return 0
+        if args.cmd == "export":
+            from .export import export_dense
+
+            print(f"wrote {export_dense(args.model_dir, args.dense, args.overwrite)}")
+            return 0
+        if args.cmd == "info":
+            from .api import info, info_text
+
+            data = info(args.model_dir)
+            print(json.dumps(data, indent=2) if args.json else info_text(data))
+            return 0
+        if args.cmd == "generate":
+            from .api import generate
+
+            print(generate(args.model_dir, args.prompt, args.max_new_tokens, args.sample, args.temperature,
+                           chat=not args.no_chat, seed=args.seed))
             return 0
         if args.cmd == "analyze":
             from .api import analyze

@@ -1,0 +1,91 @@
+"""Dense export: a plain checkpoint of the base architecture that loads with no remote code.
+
+Shared weights are copied into each position and per-child deltas merged into the copies; a deleted
+attention/MLP sub-block becomes a zero output projection (its residual contribution stays zero)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import FoldGPTError
+from .modeling_foldgpt import SharedLinear, ZeroBranch
+
+log = logging.getLogger(__name__)
+
+
+def _dense_linear(view: SharedLinear) -> nn.Linear:
+    base = view.base
+    lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                    dtype=base.weight.dtype, device=base.weight.device)
+    with torch.no_grad():
+        lin.weight.copy_(view.merged_weight())
+        if base.bias is not None:
+            lin.bias.copy_(base.bias)
+    return lin
+
+
+@torch.no_grad()
+def to_dense(folded: nn.Module) -> nn.Module:
+    """A plain base-architecture model (fresh modules, no shared storage) computing the same function."""
+    from transformers import AutoModelForCausalLM
+
+    layout = getattr(folded, "fold_layout", None)
+    if layout is None:
+        raise FoldGPTError("this model is not a folded model (no fold layout)")
+    if layout.get("position_gates"):
+        raise FoldGPTError("models with per-position gates cannot be exported densely (a gate on the whole "
+                           "residual branch has no equivalent in the base architecture)")
+    config = folded.config.__class__.from_dict(folded.config.to_dict())
+    dense = AutoModelForCausalLM.from_config(config, dtype=next(folded.parameters()).dtype)
+    state = {}
+    for pos, layer in enumerate(folded.model.layers):
+        prefix = f"model.layers.{pos}."
+        sub = dict(layer.state_dict())
+        for name, mod in layer.named_modules():
+            if isinstance(mod, SharedLinear):
+                for k in list(sub):
+                    if k.startswith(name + "."):
+                        del sub[k]
+                lin = _dense_linear(mod)
+                sub[name + ".weight"] = lin.weight
+                if lin.bias is not None:
+                    sub[name + ".bias"] = lin.bias
+        for branch, norms, out_proj in ((layout["attn_branch"], layout["attn_norms"], "o_proj"),
+                                        (layout["mlp_branch"], layout["mlp_norms"], "down_proj")):
+            if isinstance(layer.get_submodule(branch), ZeroBranch):
+                ref = dense.model.layers[pos]
+                for k, v in ref.state_dict().items():
+                    if k.startswith(branch + ".") or any(k.startswith(n + ".") for n in norms):
+                        sub[k] = torch.ones_like(v) if any(k.startswith(n + ".") for n in norms) else v
+                zero_key = f"{branch}.{out_proj}.weight"
+                sub[zero_key] = torch.zeros_like(ref.state_dict()[zero_key])
+        state.update({prefix + k: v for k, v in sub.items()})
+    for k, v in folded.state_dict().items():
+        if not k.startswith("model.layers."):
+            state[k] = v
+    missing, unexpected = dense.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"dense export mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    dense.eval()
+    return dense
+
+
+def export_dense(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a plain base-architecture checkpoint of the folded model at `src` into `out`."""
+    from .api import atomic_dir
+    from .folded import load_folded
+
+    folded, tok = load_folded(src)
+    dense = to_dense(folded)
+    with atomic_dir(out, overwrite) as tmp:
+        dense.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+    log.info("dense checkpoint (%d layers, %s) written to %s", dense.config.num_hidden_layers,
+             dense.config.model_type, out)
+    return Path(out)
