@@ -56,7 +56,7 @@ def tiny_config(kind: str, layers: int = 6):
     raise ValueError(kind)
 
 
-def tiny_model(kind: str, layers: int = 6, seed: int = 0, train_steps: int = 40):
+def tiny_model(kind: str, layers: int = 6, seed: int = 0, train_steps: int = 200):
     """A tiny model briefly trained on sample text, so that its blocks do something measurable."""
     from transformers import AutoModelForCausalLM
 
@@ -64,12 +64,12 @@ def tiny_model(kind: str, layers: int = 6, seed: int = 0, train_steps: int = 40)
     model = AutoModelForCausalLM.from_config(tiny_config(kind, layers), dtype=torch.float32)
     if train_steps:
         tok = make_tokenizer()
-        ids = torch.tensor(tok(sample_text(8000, seed))["input_ids"])
+        ids = torch.tensor(tok(sample_text(20000, seed + 5))["input_ids"])
         g = torch.Generator().manual_seed(seed)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         model.train()
         for _ in range(train_steps):
-            starts = torch.randint(0, ids.numel() - 33, (8,), generator=g)
+            starts = torch.randint(0, ids.numel() - 33, (16,), generator=g)
             batch = torch.stack([ids[s : s + 32] for s in starts.tolist()])
             loss = model(input_ids=batch, labels=batch).loss
             opt.zero_grad()

@@ -131,68 +131,110 @@ def _unit_max(v: torch.Tensor) -> torch.Tensor:
 @dataclass
 class GateResult:
     names: list[str]
-    gates: list[float]
+    gates: list[float]  # final gate of every unit (a removed unit: its gate when it was removed)
+    removed: list[int]  # units removed, in the order the rounds removed them
     history: list[dict]
 
 
-def train_gates(model: nn.Module, adapter: Adapter, batches: torch.Tensor, removal_rate: float,
-                cfg: GateConfig, seed: int = 0) -> GateResult:
-    """Learn one gate per unit (weights frozen): KL to the ungated model + polarization, under a budget.
+def train_gates(model: nn.Module, adapter: Adapter, batches: torch.Tensor, to_remove: float,
+                cfg: GateConfig, seed: int = 0, protected: set[int] | None = None) -> GateResult:
+    """Learn gates on every unit's residual branch (weights frozen) and remove the lowest-gated units
+    until units worth `to_remove` (in cost units: parameters, or FLOPs for sub-blocks) are gone.
 
-    The budget C(g) = sum(g c)/sum(c) is tightened from 1 to 1 - removal_rate over the first
-    `cfg.anneal` of the steps. Two ways to hold it (cfg.budget):
-    - "project" (default): after every step the gates are projected onto the budget exactly, and the
-      step direction is the KL gradient scaled to unit max-norm plus the polarization gradient, likewise
-      scaled (so the ranking depends on the *relative* size of the KL gradients, not on their scale,
-      which varies by orders of magnitude between models; Adam's per-gate normalisation would erase it);
-    - "penalty": Adam on KL + lambda_pol * R_pol + lambda_budget * (C(g) - target)^2, as METHOD.md writes it.
+    Objective: KL(ungated model || gated model) + lambda_pol * R_pol(g), with the budget
+    C(g) = sum(g c)/sum(c) held by projection. The removal happens over `cfg.rounds` rounds: each round
+    re-opens all surviving gates at 1, tightens the budget by that round's share over the first
+    `cfg.anneal` of its steps, and then deletes the lowest gates. Gates are judged jointly, with the
+    units removed by earlier rounds already gone (the coupling one-shot scores miss), and each round's
+    soft state stays close to the binary model it decides about.
+
+    Steps are scale-free: the KL gradient is scaled to unit max-norm before the step (its magnitude
+    varies by orders of magnitude between models; Adam's per-gate normalisation would erase the
+    *relative* sizes that carry the ranking). `cfg.budget == "penalty"` uses Adam on
+    KL + lambda_pol * R_pol + lambda_budget * (C(g) - target)^2 instead, as METHOD.md writes it.
     """
     torch.manual_seed(seed)
     names = unit_names(len(adapter.layers(model)), cfg.unit)
     costs = unit_costs(model, adapter, cfg.unit, "flops" if cfg.unit == "sublayer" else "params",
                        batches.shape[1])
+    param_costs = unit_costs(model, adapter, cfg.unit, "params", batches.shape[1])
+    protected = protected or set()
     for p in model.parameters():
         p.requires_grad_(False)
-    theta = torch.ones(len(names))
-    velocity = torch.zeros(len(names))
-    param = nn.Parameter(theta.clone())
-    opt = torch.optim.Adam([param], lr=cfg.lr) if cfg.budget == "penalty" else None
     gates = GateSet(model, adapter, cfg.unit)
     g = torch.Generator().manual_seed(seed)
-    history = []
+    n_units = len(names)
+    alive = torch.ones(n_units, dtype=torch.bool)
+    final = torch.ones(n_units)
+    removed: list[int] = []
+    history: list[dict] = []
+    saved = 0.0
+    rounds = max(1, cfg.rounds)
+    steps_per_round = max(1, cfg.steps // rounds)
     try:
-        bar = tqdm(range(cfg.steps), desc="Gate training", leave=False)
-        for step in bar:
-            idx = torch.randint(0, len(batches), (cfg.batch_size,), generator=g)
-            ids = batches[idx]
-            with torch.no_grad(), gates.set(torch.ones(len(names))):
-                t_logits = model(input_ids=ids, use_cache=False).logits
-            frac = min(1.0, (step + 1) / max(1, int(cfg.anneal * cfg.steps)))
-            keep = 1.0 - removal_rate * frac
-            gv = param.clamp(0.0, 1.0) if opt is not None else theta.clone().requires_grad_(True)
-            with gates.set(gv):
-                s_logits = model(input_ids=ids, use_cache=False).logits
-            kl = kl_div(t_logits, s_logits)
-            pol = polarization(gv, cfg.pol_t)
-            bud = budget_penalty(gv, costs, keep)
-            if opt is not None:
-                loss = kl + cfg.lambda_pol * frac * pol + cfg.lambda_budget * bud
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    param.clamp_(-0.05, 1.05)
-            else:
-                g_kl = torch.autograd.grad(kl, gv)[0]
-                g_pol = torch.autograd.grad(pol, gv)[0]
-                direction = _unit_max(g_kl) + cfg.lambda_pol * frac * _unit_max(g_pol)
-                velocity = cfg.momentum * velocity + direction
-                theta = project_budget(theta - cfg.lr * velocity, costs, keep)
-            history.append({"step": step, "kl": kl.item(), "pol": pol.item(), "budget": bud.item(),
-                            "keep_target": keep})
-            bar.set_postfix(kl=f"{kl.item():.3f}", low=f"{gv.min().item():.2f}")
+        bar = tqdm(total=steps_per_round * rounds, desc="Gate training", leave=False)
+        for r in range(rounds):
+            if saved >= to_remove - 1e-6:
+                break
+            goal = to_remove * (r + 1) / rounds - saved  # cost to remove in this round
+            frac_off = float(goal / (param_costs[alive].sum()))
+            theta = alive.float().clone()
+            param = nn.Parameter(theta.clone())
+            opt = torch.optim.Adam([param], lr=cfg.lr) if cfg.budget == "penalty" else None
+            velocity = torch.zeros(n_units)
+            c_alive = costs * alive
+            for step in range(steps_per_round):
+                ids = batches[torch.randint(0, len(batches), (cfg.batch_size,), generator=g)]
+                with torch.no_grad(), gates.set(alive.float()):
+                    t_logits = model(input_ids=ids, use_cache=False).logits if r == 0 else None
+                if t_logits is None:
+                    with torch.no_grad(), gates.set(torch.ones(n_units)):
+                        t_logits = model(input_ids=ids, use_cache=False).logits
+                ramp = min(1.0, (step + 1) / max(1, int(cfg.anneal * steps_per_round)))
+                keep = 1.0 - frac_off * ramp
+                gv = (param.clamp(0.0, 1.0) * alive) if opt is not None else theta.clone().requires_grad_(True)
+                with gates.set(gv):
+                    s_logits = model(input_ids=ids, use_cache=False).logits
+                kl = kl_div(t_logits, s_logits)
+                pol = polarization(gv[alive], cfg.pol_t)
+                bud = budget_penalty(gv[alive], costs[alive], keep)
+                if opt is not None:
+                    loss = kl + cfg.lambda_pol * ramp * pol + cfg.lambda_budget * bud
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    with torch.no_grad():
+                        param.clamp_(-0.05, 1.05)
+                else:
+                    g_kl = torch.autograd.grad(kl, gv, retain_graph=True)[0] * alive
+                    g_pol = torch.autograd.grad(pol, gv)[0] * alive
+                    direction = _unit_max(g_kl) + cfg.lambda_pol * ramp * _unit_max(g_pol)
+                    velocity = cfg.momentum * velocity + direction
+                    stepped = (theta - cfg.lr * velocity)
+                    theta = torch.zeros(n_units)
+                    theta[alive] = project_budget(stepped[alive], c_alive[alive], keep)
+                history.append({"round": r, "step": step, "kl": kl.item(), "pol": pol.item(),
+                                "budget": bud.item(), "keep_target": keep})
+                bar.update(1)
+                bar.set_postfix(round=r + 1, kl=f"{kl.item():.3f}")
+            values = (param.detach().clamp(0.0, 1.0) * alive) if opt is not None else theta
+            order = [i for i in sorted(range(n_units), key=lambda i: values[i].item())
+                     if alive[i] and int(names[i].split(".")[0]) not in protected]
+            round_saved = 0.0
+            for i in order:
+                if round_saved >= goal - 1e-6:
+                    break
+                alive[i] = False
+                final[i] = values[i]
+                removed.append(i)
+                round_saved += float(param_costs[i])
+            saved += round_saved
+            for i in range(n_units):
+                if alive[i]:
+                    final[i] = values[i]
+            log.info("gate round %d/%d: removed %s", r + 1, rounds, [names[i] for i in removed])
+        bar.close()
     finally:
         gates.remove()
-    final = (param.detach().clamp(0.0, 1.0) if opt is not None else theta).tolist()
-    log.info("gates: %s", " ".join(f"{n}:{v:.2f}" for n, v in zip(names, final)))
-    return GateResult(names, final, history)
+    log.info("gates: %s", " ".join(f"{n}:{v:.2f}" for n, v in zip(names, final.tolist())))
+    return GateResult(names, final.tolist(), removed, history)

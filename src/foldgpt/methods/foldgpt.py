@@ -7,7 +7,7 @@ import logging
 import torch
 
 from ..fold import fold_costs, select_groups
-from ..gates import train_gates, unit_costs
+from ..gates import train_gates
 from ..plan import Plan
 from ..structure import apply_plan_
 from ..weights import clone_sharing_weights
@@ -16,32 +16,15 @@ from . import Context, Method, register
 log = logging.getLogger(__name__)
 
 
-def choose_removed(names: list[str], gates: list[float], costs: list[float], to_save: float,
-                   protected: set[int]) -> list[str]:
-    """Lowest gates first until the removed units' cost reaches `to_save`."""
-    order = sorted(range(len(names)), key=lambda i: gates[i])
-    removed, saved = [], 0.0
-    for i in order:
-        if saved >= to_save - 1e-9:
-            break
-        if int(names[i].split(".")[0]) in protected:
-            continue
-        removed.append(names[i])
-        saved += costs[i]
-    return removed
-
-
 def gated_removal(ctx: Context) -> tuple[list[str], dict]:
-    cfg = ctx.cfg
+    """Gate training removes units worth `n_remove` layers' parameters, lowest gates first."""
     n = ctx.budget.n_remove
     if n == 0:
         return [], {}
-    names_costs = unit_costs(ctx.model, ctx.adapter, cfg.gate.unit, "params", ctx.calib.shape[1])
-    total = float(names_costs.sum())
-    to_save = n * ctx.budget.block_params
-    result = train_gates(ctx.model, ctx.adapter, ctx.calib, to_save / total, cfg.gate, seed=cfg.seed)
+    result = train_gates(ctx.model, ctx.adapter, ctx.calib, n * ctx.budget.block_params, ctx.cfg.gate,
+                         seed=ctx.cfg.seed, protected=ctx.protected())
     ctx.info["gate_history"] = result.history
-    removed = choose_removed(result.names, result.gates, names_costs.tolist(), to_save, ctx.protected())
+    removed = [result.names[i] for i in result.removed]
     return removed, dict(zip(result.names, result.gates))
 
 
