@@ -261,6 +261,7 @@ def _write_outputs(tmp: Path, student, tok, plan: Plan, summary: dict, analysis:
     summary["files"] = sorted(p.name for p in tmp.iterdir()) + ["report.md", "summary.json"]
     write_json_atomic(tmp / "summary.json", summary)
     (tmp / "report.md").write_text(_report_md(summary, plan, figs, source))
+    (tmp / "README.md").write_text(_model_card(summary, plan, source, tmp))
 
 
 def _report_md(s: dict, plan: Plan, figs: list[str], source: str) -> str:
@@ -282,6 +283,40 @@ def _report_md(s: dict, plan: Plan, figs: list[str], source: str) -> str:
         *[f"![{f}]({f})" for f in figs],
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def _model_card(s: dict, plan: Plan, source: str, folder: Path) -> str:
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size if weights.exists() else 0
+    base_bytes = s["base_params"] * 4
+    return "\n".join([
+        "---",
+        "library_name: transformers",
+        "tags: [foldgpt, compressed, depth-pruning, parameter-sharing]",
+        "---",
+        f"# {Path(str(source)).name} compressed with foldgpt ({s['method']})",
+        "",
+        f"- **Base model:** `{source}` ({s['depth_base']} layers, {fmt_int(s['base_params'])} parameters)",
+        f"- **Method:** {s['method']}: removed {', '.join(plan.removed) or 'nothing'}; folded groups (parent first) "
+        f"{', '.join(str(g) for g in plan.groups) or 'none'}; per-child low-rank rank {plan.adapter_rank}",
+        f"- **Unique parameters:** {fmt_int(s['base_params'])} -> {fmt_int(s['unique_params'])} "
+        f"({s['params_ratio']:.1%}); FLOPs per token {s['flops_ratio']:.1%} of the base",
+        f"- **Bytes (fp32 weights):** {base_bytes / 2**20:.1f} MiB -> {size / 2**20:.1f} MiB on disk",
+        f"- **Calibration loss (nats/token):** dense {s['calib_loss_dense']:.4f}, compressed {s['calib_loss']:.4f} "
+        f"(before the cure {s['calib_loss_before_cure']:.4f}); cure: {s['cure_steps']} steps, "
+        f"{fmt_int(s['trainable_params'])} trained parameters",
+        "",
+        "## Load",
+        "```python",
+        "import foldgpt  # registers the foldgpt model type with the Auto classes",
+        "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained(PATH)",
+        "# without foldgpt installed: AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
+        "```",
+        "A plain checkpoint of the base architecture (for vLLM, TGI, llama.cpp converters): "
+        "`foldgpt export PATH --dense OUT`.",
+        "",
+    ])
 
 
 # ---- evaluate -----------------------------------------------------------------------------------------

@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--protect-ends", action="store_true", help="never remove the first and last layer")
     c.add_argument("--seq-len", type=int, default=256)
     c.add_argument("--calib-seqs", type=int, default=512)
-    c.add_argument("--gate-steps", type=int, default=48)
+    c.add_argument("--gate-steps", type=int, default=40)
+    c.add_argument("--gate-rounds", type=int, default=5)
+    c.add_argument("--gate-budget", choices=["project", "penalty"], default="project")
     c.add_argument("--adapter-rank", type=int, default=8)
     c.add_argument("--adapter-init", choices=["zero", "svd"], default="zero")
     c.add_argument("--fold-select", choices=["loss", "adjacent"], default="loss")
@@ -100,7 +102,7 @@ def _compress(args) -> int:
         method=args.method, target_params=target, remove_rate=args.remove_rate, remove_share=args.remove_share,
         protect_ends=args.protect_ends, seq_len=args.seq_len, calib_seqs=args.calib_seqs, seed=args.seed,
         cure=args.cure,
-        gate=GateConfig(unit=args.unit, steps=args.gate_steps),
+        gate=GateConfig(unit=args.unit, steps=args.gate_steps, rounds=args.gate_rounds, budget=args.gate_budget),
         fold=FoldConfig(group_size=args.group_size, adapter_rank=args.adapter_rank, adapter_init=args.adapter_init,
                         select=args.fold_select),
         cure_cfg=CureConfig(steps=args.cure_steps, lr=args.cure_lr, tail_layers=args.tail_layers),

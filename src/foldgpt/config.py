@@ -15,13 +15,13 @@ def _check(cond: bool, msg: str) -> None:
 @dataclass
 class GateConfig:
     unit: str = "layer"  # "layer" or "sublayer" (attention and MLP separately)
-    steps: int = 48
-    rounds: int = 4  # removal happens over this many rounds of gate training
+    steps: int = 40
+    rounds: int = 5  # removal happens over this many rounds of gate training
     batch_size: int = 4
     budget: str = "project"  # "project" (hard budget, scale-free steps) or "penalty" (Adam + penalty)
-    lr: float = 0.05
+    lr: float = 0.15
     momentum: float = 0.5
-    lambda_pol: float = 0.0
+    lambda_pol: float = 1.0
     pol_t: float = 1.0
     lambda_budget: float = 20.0
     anneal: float = 0.6  # fraction of steps over which the budget tightens from 1 to its target

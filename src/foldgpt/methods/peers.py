@@ -1,0 +1,86 @@
+"""Peer depth-pruning methods, each hitting the same unique-parameter budget (whole layers removed)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from ..analysis import angular_distance
+from ..gates import GateSet
+from ..plan import Plan
+from . import Context, Method, lowest, register
+
+log = logging.getLogger(__name__)
+
+
+def run_random(ctx: Context) -> Plan:
+    """Seeded random layers (a sanity floor for every table)."""
+    g = torch.Generator().manual_seed(ctx.cfg.seed)
+    scores = torch.rand(ctx.num_layers, generator=g).tolist()
+    removed = lowest(scores, ctx.budget.n_remove, ctx.protected())
+    return ctx.new_plan([str(i) for i in removed], [], method="random")
+
+
+def run_angular(ctx: Context) -> Plan:
+    """Gromov et al.: drop the contiguous span of n layers whose input and output hidden states have the
+    smallest angular distance arccos(cos(h_l, h_{l+n}))/pi."""
+    n = ctx.budget.n_remove
+    if n == 0:
+        return ctx.new_plan([], [], method="angular")
+    dist = angular_distance(ctx.similarity)
+    prot = ctx.protected()
+    spans = [(dist[s, s + n].item(), s) for s in range(ctx.num_layers - n + 1)
+             if not prot.intersection(range(s, s + n))]
+    d, start = min(spans)
+    log.info("angular: span %d..%d (distance %.4f)", start, start + n - 1, d)
+    return ctx.new_plan([str(i) for i in range(start, start + n)], [], method="angular",
+                        scores={str(s): v for v, s in spans})
+
+
+@torch.no_grad()
+def run_sleb(ctx: Context) -> Plan:
+    """SLEB (Song et al. 2024): iteratively remove the layer whose removal (with the earlier ones gone)
+    gives the lowest calibration NLL."""
+    ids = ctx.calib[: ctx.cfg.fold.cost_batch * 4]
+    gates = GateSet(ctx.model, ctx.adapter, "layer")
+    alive = torch.ones(ctx.num_layers)
+    removed: list[int] = []
+    try:
+        for _ in tqdm(range(ctx.budget.n_remove), desc="SLEB", leave=False):
+            best = None
+            for i in range(ctx.num_layers):
+                if alive[i] == 0 or i in ctx.protected():
+                    continue
+                trial = alive.clone()
+                trial[i] = 0
+                with gates.set(trial):
+                    nll = _nll(ctx.model, ids)
+                if best is None or nll < best[0]:
+                    best = (nll, i)
+            alive[best[1]] = 0
+            removed.append(best[1])
+            log.info("SLEB: removed layer %d (calibration NLL %.4f)", best[1], best[0])
+    finally:
+        gates.remove()
+    return ctx.new_plan([str(i) for i in sorted(removed)], [], method="sleb",
+                        scores={str(i): k for k, i in enumerate(removed)})
+
+
+def _nll(model, ids: torch.Tensor, batch_size: int = 4) -> float:
+    total, n = 0.0, 0
+    for s in range(0, len(ids), batch_size):
+        b = ids[s : s + batch_size]
+        logits = model(input_ids=b, use_cache=False).logits[:, :-1].float()
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
+        n += b[:, 1:].numel()
+    return total / n
+
+
+register(Method("random", run_random, cures_by_default=False, folds=False,
+                description="seeded random layer removal"))
+register(Method("angular", run_angular, cures_by_default=False, folds=False,
+                description="Gromov et al.: contiguous span with the smallest angular distance"))
+register(Method("sleb", run_sleb, cures_by_default=False, folds=False,
+                description="SLEB: iterative greedy layer removal on calibration NLL"))
