@@ -133,67 +133,110 @@ class CompressResult:
     tokenizer: object = field(repr=False)
 
 
-def compress(model: str, text: list[str] | str | None, out: str | Path, config: CompressConfig | None = None,
-             plan: str | Path | Plan | None = None, overwrite: bool = False,
-             convert_cache: str | Path | None = None) -> CompressResult:
-    """Compress `model` (alias, folder, .gguf, hub id) into the folder `out`. Mirrors `foldgpt compress`."""
-    cfg = config or CompressConfig()
-    method = get_method(cfg.method)
-    if Path(out).exists() and not overwrite:
-        raise FoldGPTError(f"output folder {out} already exists; choose another --out or pass --overwrite")
-    given_plan = Plan.load(plan) if isinstance(plan, (str, Path)) else plan
+@dataclass
+class Session:
+    """A loaded dense model with its calibration tokens and analysis, reusable across methods."""
+
+    source: str
+    dense: torch.nn.Module
+    tokenizer: object
+    adapter: object
+    bos: bool
+    calib: torch.Tensor
+    similarity: torch.Tensor
+    analysis: dict
+    corpus: object
+    seconds: dict = field(default_factory=dict)
+
+
+def prepare(model: str, text: list[str] | str | None, cfg: CompressConfig,
+            convert_cache: str | Path | None = None) -> Session:
+    """Load the model and the calibration text, draw the calibration windows and run the analysis."""
     corpus = load_text(text)
     timer = Timer()
-    n_stages = 6
-    with timer.stage("Loading", 1, n_stages):
+    with timer.stage("Loading", 1, 6):
         dense, tok = load_model(model, convert_cache)
         adapter = get_adapter(dense.config)
         bos = needs_bos(tok, adapter.needs_bos)
         ids = tokenize(tok, corpus.text)
         calib = calibration_batches(ids, cfg.calib_seqs, cfg.seq_len, cfg.seed, tok.bos_token_id if bos else None)
         log.info("calibration: %d tokens of text, %d windows of %d", ids.numel(), len(calib), cfg.seq_len)
-    torch.manual_seed(cfg.seed)
-    num_layers = len(adapter.layers(dense))
-    with timer.stage("Analyzing", 2, n_stages):
+    with timer.stage("Analyzing", 2, 6):
         sim = similarity(dense, adapter, calib[: min(32, len(calib))], skip_first=bos)
-        analysis = analysis_dict(sim)
-    budget = plan_budget(dense, adapter, num_layers, cfg.target_params, cfg.remove_rate, cfg.remove_share,
+    return Session(model, dense, tok, adapter, bos, calib, sim, analysis_dict(sim), corpus, timer.seconds)
+
+
+@dataclass
+class MethodRun:
+    plan: Plan
+    student: torch.nn.Module
+    summary: dict
+    info: dict
+    cure_info: dict
+
+
+def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> MethodRun:
+    """Plan (or re-apply `plan`), build the compressed model, cure it if asked, and measure it."""
+    method = get_method(cfg.method)
+    timer = Timer()
+    timer.seconds.update(s.seconds)
+    torch.manual_seed(cfg.seed)
+    num_layers = len(s.adapter.layers(s.dense))
+    budget = plan_budget(s.dense, s.adapter, num_layers, cfg.target_params, cfg.remove_rate, cfg.remove_share,
                          cfg.fold.group_size if method.folds else 1, cfg.fold.adapter_rank,
                          cfg.fold.shared_linears or None)
     log.info("budget: remove %d layers, fold %d children (predicted %s unique params of %s)",
              budget.n_remove, budget.n_fold, fmt_int(budget.predicted_params), fmt_int(budget.base_params))
-    ctx = Context(dense, adapter, calib, cfg, budget, bos, sim)
-    with timer.stage("Planning" if given_plan is None else "Applying plan", 3, n_stages):
-        if given_plan is not None:
-            if given_plan.num_layers != num_layers or given_plan.model_type != dense.config.model_type:
+    ctx = Context(s.dense, s.adapter, s.calib, cfg, budget, s.bos, s.similarity)
+    with timer.stage("Planning" if plan is None else "Applying plan", 3, 6):
+        if plan is not None:
+            if plan.num_layers != num_layers or plan.model_type != s.dense.config.model_type:
                 raise FoldGPTError("the plan was made for a different model (layer count or type differ)")
-            the_plan = given_plan
+            the_plan = Plan.from_dict(plan.to_dict())
         else:
             the_plan = method.run(ctx)
         the_plan.provenance = {
-            "model": model, "text": corpus.sources, "text_sha256": corpus.sha256, "seed": cfg.seed,
+            "model": s.source, "text": s.corpus.sources, "text_sha256": s.corpus.sha256, "seed": cfg.seed,
             "config": cfg.to_dict(), "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        student = clone_sharing_weights(dense)
-        apply_plan_(student, the_plan, adapter, seed=cfg.seed)
-    held = calib[: min(16, len(calib))]
+        student = clone_sharing_weights(s.dense)
+        apply_plan_(student, the_plan, s.adapter, seed=cfg.seed)
+    held = s.calib[: min(16, len(s.calib))]
     do_cure = method.cures_by_default if cfg.cure is None else cfg.cure
-    with timer.stage("Curing", 4, n_stages):
+    with timer.stage("Curing", 4, 6):
         loss_before_cure = calibration_loss(student, held)
-        cure_info = (run_cure(student, dense, adapter, calib, cfg.cure_cfg, seed=cfg.seed) if do_cure
+        cure_info = (run_cure(student, s.dense, s.adapter, s.calib, cfg.cure_cfg, seed=cfg.seed) if do_cure
                      else {"steps": 0, "trainable_params": 0, "history": []})
-    with timer.stage("Measuring", 5, n_stages):
-        summary = _summary(dense, student, adapter, the_plan, held, loss_before_cure, cure_info, cfg, analysis,
-                           budget, do_cure)
-    with timer.stage("Saving", 6, n_stages):
-        summary["seconds"] = timer.seconds
-        with atomic_dir(out, overwrite) as tmp:
-            _write_outputs(tmp, student, tok, the_plan, summary, analysis, ctx.info, cure_info, model)
-        summary["seconds"] = dict(timer.seconds)
-        write_json_atomic(Path(out) / "summary.json", summary)
-    table = summary_table(summary)
-    return CompressResult(Path(out), the_plan, summary, table, student, tok)
+    with timer.stage("Measuring", 5, 6):
+        summary = _summary(s.dense, student, s.adapter, the_plan, held, loss_before_cure, cure_info, cfg,
+                           s.analysis, budget, do_cure)
+    summary["seconds"] = timer.seconds
+    summary["source"] = s.source
+    return MethodRun(the_plan, student, summary, ctx.info, cure_info)
+
+
+def compress(model: str, text: list[str] | str | None, out: str | Path, config: CompressConfig | None = None,
+             plan: str | Path | Plan | None = None, overwrite: bool = False,
+             convert_cache: str | Path | None = None) -> CompressResult:
+    """Compress `model` (alias, folder, .gguf, hub id) into the folder `out`. Mirrors `foldgpt compress`."""
+    cfg = config or CompressConfig()
+    get_method(cfg.method)
+    if Path(out).exists() and not overwrite:
+        raise FoldGPTError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    given_plan = Plan.load(plan) if isinstance(plan, (str, Path)) else plan
+    session = prepare(model, text, cfg, convert_cache)
+    run = run_method(session, cfg, given_plan)
+    summary = run.summary
+    t = time.perf_counter()
+    log.info("(6/6): Saving")
+    with atomic_dir(out, overwrite) as tmp:
+        summary["seconds"]["Saving"] = 0.0
+        _write_outputs(tmp, run.student, session.tokenizer, run.plan, summary, session.analysis, run.info,
+                       run.cure_info, model)
+        summary["seconds"]["Saving"] = round(time.perf_counter() - t, 2)
+        write_json_atomic(tmp / "summary.json", summary)
+    return CompressResult(Path(out), run.plan, summary, summary_table(summary), run.student, session.tokenizer)
 
 
 def _summary(dense, student, adapter, plan, held, loss_before_cure, cure_info, cfg, analysis, budget,
@@ -258,7 +301,7 @@ def _write_outputs(tmp: Path, student, tok, plan: Plan, summary: dict, analysis:
         plot_curves({"KL": [x["kl"] for x in h], "tail MSE": [x["tail"] for x in h]}, tmp / "cure.png",
                     "loss", "cure")
         figs.append("cure.png")
-    summary["files"] = sorted(p.name for p in tmp.iterdir()) + ["report.md", "summary.json"]
+    summary["files"] = sorted({p.name for p in tmp.iterdir()} | {"report.md", "README.md", "summary.json"})
     write_json_atomic(tmp / "summary.json", summary)
     (tmp / "report.md").write_text(_report_md(summary, plan, figs, source))
     (tmp / "README.md").write_text(_model_card(summary, plan, source, tmp))

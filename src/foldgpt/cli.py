@@ -71,6 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--json", default=None)
 
+    b = sub.add_parser("bench", help="every method at every target on the same data: one table")
+    b.add_argument("model")
+    b.add_argument("--methods", default="shortgpt,foldgpt", help="comma list (see --list-methods)")
+    b.add_argument("--targets", default="0.75,0.6", help="fractions of unique parameters kept")
+    b.add_argument("--text", nargs="*", default=None)
+    b.add_argument("--eval-text", nargs="+", required=True)
+    b.add_argument("--tasks", default="", help="comma list of BIG-bench task.json / JSONL paths")
+    b.add_argument("--task-limit", type=int, default=None)
+    b.add_argument("--cloze", type=int, default=0, help="also a LAMBADA-style cloze task of N examples")
+    b.add_argument("--cure", action="store_true", help="also run every peer followed by the same cure")
+    b.add_argument("--out", required=True)
+    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--eval-seq-len", type=int, default=512)
+    b.add_argument("--eval-max-tokens", type=int, default=None)
+    b.add_argument("--seq-len", type=int, default=256)
+    b.add_argument("--calib-seqs", type=int, default=512)
+    b.add_argument("--gate-steps", type=int, default=40)
+    b.add_argument("--cure-steps", type=int, default=100)
+    b.add_argument("--seed", type=int, default=0)
+
     x = sub.add_parser("export", help="export a folded model as a plain base-architecture checkpoint")
     x.add_argument("model_dir")
     x.add_argument("--dense", required=True, metavar="OUT", help="output folder")
@@ -133,6 +153,17 @@ def main(argv: list[str] | None = None) -> int:
 
             rows = evaluate(args.models, args.text, args.seq_len, args.max_tokens, args.json, args.batch_size)
             print(eval_table(rows))
+            return 0
+        if args.cmd == "bench":
+            from .bench import bench
+            from .config import CompressConfig, CureConfig, GateConfig
+
+            base = CompressConfig(seq_len=args.seq_len, calib_seqs=args.calib_seqs, seed=args.seed,
+                                  gate=GateConfig(steps=args.gate_steps), cure_cfg=CureConfig(steps=args.cure_steps))
+            bench(args.model, [m for m in args.methods.split(",") if m], _floats(args.targets), args.text,
+                  args.eval_text, args.out, [t for t in args.tasks.split(",") if t], args.cure, base,
+                  args.eval_seq_len, args.eval_max_tokens, args.task_limit, args.cloze, args.overwrite)
+            print((__import__("pathlib").Path(args.out) / "results.md").read_text())
             return 0
         if args.cmd == "export":
             from .export import export_dense

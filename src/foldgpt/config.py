@@ -61,6 +61,7 @@ class CureConfig:
     tail_layers: int = 2
     tau: float = 1.0
     train_all_norms: bool = True
+    train_child_norms: bool = True  # False (with train_all_norms False): the "no norm re-adaptation" ablation
 
     def __post_init__(self):
         _check(self.steps >= 0, "cure steps must be >= 0")

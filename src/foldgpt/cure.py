@@ -20,7 +20,8 @@ from .structure import SharedLinear
 log = logging.getLogger(__name__)
 
 
-def trainable_parameters(model: nn.Module, adapter: Adapter, train_all_norms: bool) -> list[nn.Parameter]:
+def trainable_parameters(model: nn.Module, adapter: Adapter, train_all_norms: bool,
+                         train_child_norms: bool = True) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze the cure's parameter set and return it."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -31,7 +32,7 @@ def trainable_parameters(model: nn.Module, adapter: Adapter, train_all_norms: bo
             if isinstance(mod, SharedLinear) and mod.rank > 0:
                 chosen[id(mod.lora_A)] = mod.lora_A
                 chosen[id(mod.lora_B)] = mod.lora_B
-            elif name in adapter.norms(layer) and (is_child or train_all_norms):
+            elif name in adapter.norms(layer) and ((is_child and train_child_norms) or train_all_norms):
                 for p in mod.parameters(recurse=False):
                     chosen[id(p)] = p
         if hasattr(layer, "fold_gate"):
@@ -62,7 +63,7 @@ def lr_at(step: int, cfg: CureConfig) -> float:
 def cure(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torch.Tensor, cfg: CureConfig,
          seed: int = 0) -> dict:
     """Distil `teacher` into the trainable small parameters of `student`. Returns a summary."""
-    params = trainable_parameters(student, adapter, cfg.train_all_norms)
+    params = trainable_parameters(student, adapter, cfg.train_all_norms, cfg.train_child_norms)
     n_train = sum(p.numel() for p in params)
     log.info("cure: %d trainable parameters, %d steps of %d x %d tokens", n_train, cfg.steps,
              cfg.batch_size, batches.shape[1])

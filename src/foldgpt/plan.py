@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .errors import FoldGPTError
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # the newest format this foldgpt reads
+MERGES_VERSION = 2  # plans with LaCo merges need at least this version (older foldgpt would drop them)
 
 
 @dataclass
@@ -20,12 +21,16 @@ class Plan:
     removed: units to delete: "7" is a whole layer, "7.attn" / "7.mlp" a sub-block.
     groups:  folded groups [parent, child, ...] of retained layers; children run the parent's
              Linear weights (by reference) and keep their own norms.
+    merges:  LaCo layer merges [l, l+1, ..., l+K]: layer l's parameters become
+             theta_l + sum_k (theta_{l+k} - theta_l) and layers l+1..l+K are removed (listed in `removed`).
+             Applied before removal and folding; the merged weights are saved as position l's own.
     """
 
     num_layers: int
     model_type: str
     removed: list[str] = field(default_factory=list)
     groups: list[list[int]] = field(default_factory=list)
+    merges: list[list[int]] = field(default_factory=list)
     layer_kinds: list[str] = field(default_factory=list)
     shared_linears: list[str] = field(default_factory=list)  # empty = every Linear of the layer
     adapter_rank: int = 0
@@ -36,9 +41,12 @@ class Plan:
     gates: dict[str, float] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
-    version: int = PLAN_VERSION
+    version: int = 1  # raised to MERGES_VERSION when the plan merges layers
 
     def __post_init__(self) -> None:
+        self.merges = [[int(x) for x in m] for m in self.merges]
+        if self.merges:
+            self.version = max(self.version, MERGES_VERSION)
         self.validate()
 
     # ---- derived views -----------------------------------------------------------------------
@@ -65,6 +73,7 @@ class Plan:
         which layer's weights it runs, and which sub-blocks it lost."""
         parents = self.parent_of()
         subs = self.removed_sublayers()
+        merged = {m[0]: m for m in self.merges}
         return [
             {
                 "position": pos,
@@ -73,6 +82,7 @@ class Plan:
                 "shared": layer in parents,
                 "kind": self.layer_kinds[layer] if self.layer_kinds else "full_attention",
                 "removed_sublayers": sorted(subs.get(layer, ())),
+                "merged_from": list(merged.get(layer, ())),
             }
             for pos, layer in enumerate(self.kept_layers())
         ]
@@ -93,6 +103,18 @@ class Plan:
                 seen.add(layer)
             if self.layer_kinds and len({self.layer_kinds[i] for i in g}) > 1:
                 raise FoldGPTError(f"plan group {g} mixes attention kinds; only same-kind layers may share")
+        gone = self.removed_layers()
+        merged: set[int] = set()
+        for m in self.merges:
+            if len(m) < 2 or m != sorted(set(m)) or m[0] < 0 or m[-1] >= self.num_layers:
+                raise FoldGPTError(f"plan merge {m} must list >= 2 layers of the model in increasing order")
+            if m[0] not in kept:
+                raise FoldGPTError(f"plan merge {m} merges into layer {m[0]}, which the plan removes")
+            if any(layer not in gone for layer in m[1:]):
+                raise FoldGPTError(f"plan merge {m}: the merged layers {m[1:]} must be removed whole")
+            if merged.intersection(m):
+                raise FoldGPTError(f"plan merge {m} uses a layer that another merge already uses")
+            merged.update(m)
 
     # ---- I/O --------------------------------------------------------------------------------
     def to_dict(self) -> dict:

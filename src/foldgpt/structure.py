@@ -1,4 +1,4 @@
-"""Model surgery: delete units, fold children onto their parent's weights, gates on branches.
+"""Model surgery: merge layers, delete units, fold children onto their parent's weights, gates on branches.
 
 Everything here edits a Hugging Face causal LM in place (`name_` with a trailing underscore) and keeps
 its config consistent, so the result still runs through the family's own forward and generate().
@@ -57,11 +57,31 @@ def layout_from_plan(plan: Plan, adapter: Adapter) -> dict:
     }
 
 
+def merge_layers_(layers: list[nn.Module], merge: list[int]) -> None:
+    """LaCo's RDSC layer merge: every parameter of layer l = merge[0] (Linears and norms) becomes
+    theta_l + sum_k (theta_{l+k} - theta_l) over the other layers of the merge (computed in float32).
+
+    The result is installed as NEW nn.Parameter objects: the old tensors are never written, since a
+    student made by clone_sharing_weights shares its Linear weights with the dense teacher."""
+    head, rest = layers[merge[0]], [layers[i] for i in merge[1:]]
+    with torch.no_grad():
+        for name, p in list(head.named_parameters()):
+            base = p.float()
+            merged = base + sum(layer.get_parameter(name).float() - base for layer in rest)
+            owner_path, _, attr = name.rpartition(".")
+            owner = head.get_submodule(owner_path) if owner_path else head
+            setattr(owner, attr, nn.Parameter(merged.to(p.dtype), requires_grad=p.requires_grad))
+
+
 def apply_plan_(model: nn.Module, plan: Plan, adapter: Adapter, seed: int = 0) -> nn.Module:
-    """Apply a plan to a dense model in place: remove units, fold groups, add deltas and gates."""
+    """Apply a plan to a dense model in place: merge layers (LaCo), remove units, fold groups, add deltas
+    and gates."""
     n = len(adapter.layers(model))
     if n != plan.num_layers:
         raise ValueError(f"plan is for {plan.num_layers} layers, model has {n}")
+    layers = list(adapter.layers(model))
+    for merge in plan.merges:  # before the layout: merged weights are then position l's ordinary weights
+        merge_layers_(layers, merge)
     layout = layout_from_plan(plan, adapter)
     paths = layout["shared_linears"]
 

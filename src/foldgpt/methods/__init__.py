@@ -82,4 +82,4 @@ def lowest(scores: list[float], n: int, protected: set[int]) -> list[int]:
     return sorted(order[:n])
 
 
-from . import foldgpt, peers, shortgpt  # noqa: E402,F401  (registration)
+from . import blockpruner, foldgpt, laco, peers, shortgpt  # noqa: E402,F401  (registration)

@@ -58,5 +58,18 @@ def run(ctx: Context) -> Plan:
     return ctx.new_plan(removed, groups, method="foldgpt", gates=gates)
 
 
+def run_bi(ctx: Context) -> Plan:
+    """Ablation: one-shot BI ranking (ShortGPT) for the removal, then the same cost-chosen folding."""
+    from ..analysis import block_influence
+    from . import lowest
+
+    bi = block_influence(ctx.similarity).tolist()
+    removed = [str(i) for i in lowest(bi, ctx.budget.n_remove, ctx.protected())]
+    groups = choose_groups(ctx, removed)
+    return ctx.new_plan(removed, groups, method="foldgpt-bi", scores={str(i): b for i, b in enumerate(bi)})
+
+
+register(Method("foldgpt-bi", run_bi, cures_by_default=True, folds=True,
+                description="ablation: BI removal + grouped sharing + cure"))
 register(Method("foldgpt", run, cures_by_default=True, folds=True,
                 description="gated removal + grouped parameter sharing + cure (tail-layer distillation)"))
