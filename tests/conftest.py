@@ -9,7 +9,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tinymodels import sample_text, save_tiny  # noqa: E402
+from tinymodels import sample_text, save_tiny, tiny_model  # noqa: E402
 
 KINDS = ["llama", "qwen2", "gemma3"]
 
@@ -20,8 +20,9 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     out = {}
     for kind in KINDS:
-        out[kind] = save_tiny(root / kind, kind, layers=6)
-        out[f"{kind}-zero2"] = save_tiny(root / f"{kind}-zero2", kind, layers=6, zero_layer=2)
+        model = tiny_model(kind, layers=6)
+        out[kind] = save_tiny(root / kind, kind, model=model)
+        out[f"{kind}-zero2"] = save_tiny(root / f"{kind}-zero2", kind, zero_layer=2, model=model)
     return out
 
 

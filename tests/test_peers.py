@@ -40,9 +40,9 @@ def session(path, text_file):
     return _SESSIONS[key]
 
 
-def make_ctx(path, text_file, method: str, target: float = TARGET) -> Context:
+def make_ctx(path, text_file, method: str, target: float = TARGET, **kw) -> Context:
     model, adapter, calib, bos, sim = session(path, text_file)
-    cfg = fast_config(method=method, target_params=target, cure=False)
+    cfg = fast_config(method=method, target_params=target, cure=False, **kw)
     m = get_method(method)
     budget = plan_budget(model, adapter, len(adapter.layers(model)), cfg.target_params, cfg.remove_rate,
                          cfg.remove_share, cfg.fold.group_size if m.folds else 1, cfg.fold.adapter_rank,
@@ -168,6 +168,23 @@ def test_laco_lowers_the_threshold_to_hit_the_budget(tiny_dirs, text_file):
     assert sum(len(m) - 1 for m in merges) == ctx.budget.n_remove
     assert len(record["thresholds_tried"]) > 1 and record["threshold_used"] < 0.99999
     assert all(s > record["threshold_used"] for s in record["similarity"])
+
+
+@pytest.mark.parametrize("method", ["blockpruner", "laco"])
+def test_protected_layers_are_never_touched(tiny_dirs, text_file, method):
+    ctx = make_ctx(tiny_dirs["llama"], text_file, method, target=0.6, protect_ends=True)
+    plan = get_method(method).run(ctx)
+    touched = {int(u.split(".")[0]) for u in plan.removed} | {i for m in plan.merges for i in m}
+    assert touched and not touched & {0, 5}
+    assert unique_params(applied(ctx, plan)) <= ctx.budget.target_params
+
+
+def test_laco_deep_budget_uses_short_last_merge(tiny_dirs, text_file):
+    ctx = make_ctx(tiny_dirs["llama"], text_file, "laco", target=0.5)
+    assert ctx.budget.n_remove == 4
+    plan = get_method("laco").run(ctx)
+    assert len(plan.removed) == 4 and plan.kept_layers() == [m[0] for m in plan.merges]
+    assert unique_params(applied(ctx, plan)) == ctx.budget.base_params - 4 * ctx.budget.block_params
 
 
 def test_laco_plan_round_trip(tiny_dirs, text_file, tmp_path):

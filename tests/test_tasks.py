@@ -16,10 +16,17 @@ BIGBENCH = Path("/work/shared/data/bigbench")
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_dirs):
+def llama(tmp_path_factory):
+    """A tiny llama folder loaded with load_model. Like conftest's `tiny_dirs["llama"]`, but 2 layers and
+    20 training steps: building all of `tiny_dirs` takes minutes on a busy CPU."""
+    from tinymodels import make_tokenizer, tiny_model
+
     from foldgpt.models import load_model
 
-    return load_model(str(tiny_dirs["llama"]))
+    path = tmp_path_factory.mktemp("tasks_llama")
+    tiny_model("llama", layers=2, train_steps=20).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return load_model(str(path))
 
 
 def write_json(path: Path, data) -> Path:
@@ -87,8 +94,8 @@ def test_bigbench_defaults_and_limit(tmp_path):
     path = write_json(tmp_path / "group" / "sub" / "task.json", {"examples": examples})
     task = tasks.load_task(path, limit=2)
     assert task.name == "sub"
-    assert [e.context for e in task.examples] == ["\nQ: q0\n  choice: x\n  choice: y\nA: ",
-                                                  "\nQ: q1\n  choice: x\n  choice: y\nA: "]
+    assert [e.context for e in task.examples] == ["\nQ: q0\n  choice: y\n  choice: x\nA: ",
+                                                  "\nQ: q1\n  choice: y\n  choice: x\nA: "]
     write_json(path, {"examples": examples, "append_choices_to_input": False})
     assert tasks.load_task(path).examples[3].context == "\nQ: q3\nA: "
     with pytest.raises(FoldGPTError, match="subtasks are: sub"):
@@ -142,14 +149,18 @@ def test_batched_equals_unbatched(llama, bos):
 
 def test_left_truncation(llama):
     model, tok = llama
-    ctx, cont = tasks.encode_pair(tok, "The quick brown fox jumps over the", " lazy dog", bos=False)
-    s = tasks.score_requests(model, tok, [("The quick brown fox jumps over the", " lazy dog")], max_length=6)[0]
-    kept = (ctx + cont)[-7:]
+    req = ("The quick brown fox jumps over the", " lazy dog")
+    ctx, cont = tasks.encode_pair(tok, *req, bos=False)
+    n = len(cont)
+    window = n + 3  # the context is cut from the left, the continuation is whole
+    s = tasks.score_requests(model, tok, [req], max_length=window)[0]
+    kept = (ctx + cont)[-(window + 1):]
     with torch.no_grad():
         lp = torch.log_softmax(model(input_ids=torch.tensor([kept[:-1]])).logits[0].float(), -1)
-    n = len(cont)
     expect = float(lp[-n:].gather(-1, torch.tensor(kept[-n:])[:, None]).sum())
-    assert s.logprob == pytest.approx(expect, abs=1e-4)
+    assert s.tokens == n and s.logprob == pytest.approx(expect, abs=1e-4)
+    # a continuation longer than the window is scored on its last max_length tokens
+    assert tasks.score_requests(model, tok, [req], max_length=n - 2)[0].tokens == n - 2
 
 
 # ---------------------------------------------------------------------------------------------- (d) cloze
@@ -165,7 +176,8 @@ def test_cloze_examples_deterministic(text_file):
     for ex in a:
         word = ex.target[1:]
         assert ex.target == " " + word and word.isalpha() and len(word) >= 3
-        assert ex.context == ex.context.strip() and 0 < len(ex.context) <= 200
+        assert ex.context == ex.context.strip() and ex.context
+        assert len(ex.context) <= 200 or not re.search(r"[.!?] ", ex.context)  # longer only if one sentence
         at = flat.index(ex.context + ex.target)
         assert re.match(r"[.!?]*(\s|$)", flat[at + len(ex.context + ex.target):])  # the sentence ends here
 
@@ -219,7 +231,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(FoldGPTError, match="unknown file type"):
         tasks.load_task(tmp_path / "t.txt")
     with pytest.raises(FoldGPTError, match="no sentence"):
-        tasks.cloze_examples("no full stop here at all", n=3)
+        tasks.cloze_examples("To be. Or not, to be! Ok", n=3)
     with pytest.raises(FoldGPTError, match="no tasks"):
         tasks.evaluate_tasks(None, None, [])
 

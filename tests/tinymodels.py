@@ -78,9 +78,12 @@ def tiny_model(kind: str, layers: int = 6, seed: int = 0, train_steps: int = 200
     return model.eval()
 
 
-def save_tiny(path: Path, kind: str, layers: int = 6, seed: int = 0, zero_layer: int | None = None) -> Path:
+def save_tiny(path: Path, kind: str, layers: int = 6, seed: int = 0, zero_layer: int | None = None,
+              model=None) -> Path:
     """Write a tiny model folder; `zero_layer` plants a useless block (zeroed output projections)."""
-    model = tiny_model(kind, layers, seed)
+    import copy
+
+    model = copy.deepcopy(model) if model is not None else tiny_model(kind, layers, seed)
     if zero_layer is not None:
         layer = model.model.layers[zero_layer]
         with torch.no_grad():

@@ -59,7 +59,7 @@ def similarity(model: nn.Module, adapter: Adapter, batches: torch.Tensor, skip_f
     """Mean cosine between all pairs of hidden states over the calibration tokens: (L+1, L+1)."""
     total, count = None, 0
     for i in tqdm(range(0, len(batches), batch_size), desc=desc, leave=False):
-        ids = batches[i : i + batch_size]
+        ids = batches[i : i + batch_size].to(model.device)
         with capture_hidden(model, adapter) as store:
             model(input_ids=ids, use_cache=False)
         hidden = torch.stack(store)  # (L+1, B, T, D)

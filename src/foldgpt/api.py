@@ -77,7 +77,7 @@ def calibration_loss(model, ids: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token cross-entropy (nats) on calibration windows."""
     total, n = 0.0, 0
     for i in range(0, len(ids), batch_size):
-        b = ids[i : i + batch_size]
+        b = ids[i : i + batch_size].to(model.device)
         logits = model(input_ids=b, use_cache=False).logits[:, :-1].float()
         total += F.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
         n += b[:, 1:].numel()
@@ -156,6 +156,7 @@ def prepare(model: str, text: list[str] | str | None, cfg: CompressConfig,
     timer = Timer()
     with timer.stage("Loading", 1, 6):
         dense, tok = load_model(model, convert_cache)
+        dense.to(cfg.device)
         adapter = get_adapter(dense.config)
         bos = needs_bos(tok, adapter.needs_bos)
         ids = tokenize(tok, corpus.text)

@@ -61,7 +61,9 @@ class CureConfig:
     tail_layers: int = 2
     tau: float = 1.0
     train_all_norms: bool = True
-    train_child_norms: bool = True  # False (with train_all_norms False): the "no norm re-adaptation" ablation
+    train_child_norms: bool = True
+    micro_batch: int = 0  # >0: split each batch into micro-batches and accumulate gradients
+    grad_checkpointing: bool = False  # recompute activations in the backward pass (less memory)  # False (with train_all_norms False): the "no norm re-adaptation" ablation
 
     def __post_init__(self):
         _check(self.steps >= 0, "cure steps must be >= 0")
@@ -78,6 +80,7 @@ class CompressConfig:
     seq_len: int = 256
     calib_seqs: int = 512
     seed: int = 0
+    device: str = "cpu"  # "cuda", "cuda:1", "mps"...: where the model runs
     cure: bool | None = None  # None: the method's default (foldgpt cures, peers do not)
     gate: GateConfig = field(default_factory=GateConfig)
     fold: FoldConfig = field(default_factory=FoldConfig)

@@ -46,8 +46,8 @@ def trainable_parameters(model: nn.Module, adapter: Adapter, train_all_norms: bo
 def tail_mse(student: list[torch.Tensor], teacher: list[torch.Tensor], m: int) -> torch.Tensor:
     """sum over the last m block outputs of ||h_S - h_T||^2 / ||h_T||^2 (aligned from the end)."""
     if m == 0:
-        return torch.zeros(())
-    loss = torch.zeros(())
+        return student[-1].new_zeros(()).float()
+    loss = student[-1].new_zeros(()).float()
     for hs, ht in zip(student[-m:], teacher[-m:]):
         loss = loss + ((hs.float() - ht.float()) ** 2).sum() / (ht.float() ** 2).sum().clamp_min(1e-8)
     return loss
@@ -58,6 +58,29 @@ def lr_at(step: int, cfg: CureConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _distill_loss(student: nn.Module, teacher: nn.Module, adapter: Adapter, ids: torch.Tensor,
+                  cfg: CureConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """alpha KL(p_T || p_S) + beta tail MSE (+ gamma CE) on one (micro-)batch."""
+    with torch.no_grad(), capture_hidden(teacher, adapter) as t_hidden:
+        t_logits = teacher(input_ids=ids, use_cache=False).logits
+    s_hidden: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(
+        lambda mod, a, k, out: s_hidden.append(out[0] if isinstance(out, tuple) else out), with_kwargs=True)
+        for layer in adapter.layers(student)]
+    try:
+        s_logits = student(input_ids=ids, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    kl = kl_div(t_logits, s_logits, cfg.tau)
+    tail = tail_mse(s_hidden, t_hidden[1:], min(cfg.tail_layers, len(s_hidden)))
+    loss = cfg.alpha_kl * kl + cfg.beta_tail * tail
+    if cfg.gamma_ce > 0:
+        ce = F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = loss + cfg.gamma_ce * ce
+    return loss, kl.detach(), tail.detach()
 
 
 def cure(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torch.Tensor, cfg: CureConfig,
@@ -76,34 +99,31 @@ def cure(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torc
     order = torch.randperm(len(batches), generator=g)
     history = []
     student.train(False)  # no dropout: distillation is deterministic
+    if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.train(True)  # Hugging Face models checkpoint only in training mode (dropout is 0 here)
+    micro = cfg.micro_batch or cfg.batch_size
     bar = tqdm(range(cfg.steps), desc="Cure", leave=False)
     for step in bar:
         take = [(step * cfg.batch_size + j) % len(batches) for j in range(cfg.batch_size)]
-        ids = batches[order[take]]
-        with torch.no_grad(), capture_hidden(teacher, adapter) as t_hidden:
-            t_logits = teacher(input_ids=ids, use_cache=False).logits
-        s_hidden: list[torch.Tensor] = []
-        hooks = [layer.register_forward_hook(
-            lambda mod, a, k, out: s_hidden.append(out[0] if isinstance(out, tuple) else out), with_kwargs=True)
-            for layer in adapter.layers(student)]
-        try:
-            s_logits = student(input_ids=ids, use_cache=False).logits
-        finally:
-            for h in hooks:
-                h.remove()
-        kl = kl_div(t_logits, s_logits, cfg.tau)
-        tail = tail_mse(s_hidden, t_hidden[1:], min(cfg.tail_layers, len(s_hidden)))
-        loss = cfg.alpha_kl * kl + cfg.beta_tail * tail
-        if cfg.gamma_ce > 0:
-            ce = F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-            loss = loss + cfg.gamma_ce * ce
+        batch = batches[order[take]].to(student.device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         opt.zero_grad()
-        loss.backward()
+        totals = {"loss": 0.0, "kl": 0.0, "tail": 0.0}
+        for start in range(0, len(batch), micro):
+            ids = batch[start : start + micro]
+            weight = len(ids) / len(batch)
+            loss, kl, tail = _distill_loss(student, teacher, adapter, ids, cfg)
+            (loss * weight).backward()
+            for k, v in (("loss", loss), ("kl", kl), ("tail", tail)):
+                totals[k] += v.item() * weight
         opt.step()
-        history.append({"step": step, "loss": loss.item(), "kl": kl.item(), "tail": tail.item()})
-        bar.set_postfix(kl=f"{kl.item():.3f}", tail=f"{tail.item():.3f}")
+        history.append({"step": step, **totals})
+        bar.set_postfix(kl=f"{totals['kl']:.3f}", tail=f"{totals['tail']:.3f}")
+    if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_disable"):
+        student.gradient_checkpointing_disable()
+    student.train(False)
     for p in params:
         p.requires_grad_(False)
     first = sum(h["kl"] for h in history[:5]) / min(5, len(history))

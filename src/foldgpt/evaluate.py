@@ -54,7 +54,7 @@ def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
     """Sum of NLL (nats) over every predicted token (positions 1..T-1 of each window) and their count."""
     total, count = 0.0, 0
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False):
-        ids = windows[i : i + batch_size]
+        ids = windows[i : i + batch_size].to(model.device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
         target = ids[:, 1:]
         total += F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").item()

@@ -83,7 +83,7 @@ class GateSet:
         def hook(module, args, kwargs, output):
             h = args[0] if args else kwargs["hidden_states"]
             out = output[0] if isinstance(output, tuple) else output
-            gated = h + self.values[idx].to(out.dtype) * (out - h)
+            gated = h + self.values[idx].to(out.device, out.dtype) * (out - h)
             return (gated, *output[1:]) if isinstance(output, tuple) else gated
 
         return hook
@@ -92,8 +92,8 @@ class GateSet:
         def hook(module, args, output):
             g = self.values[idx]
             if isinstance(output, tuple):
-                return (output[0] * g.to(output[0].dtype), *output[1:])
-            return output * g.to(output.dtype)
+                return (output[0] * g.to(output[0].device, output[0].dtype), *output[1:])
+            return output * g.to(output.device, output.dtype)
 
         return hook
 
@@ -184,7 +184,7 @@ def train_gates(model: nn.Module, adapter: Adapter, batches: torch.Tensor, to_re
             velocity = torch.zeros(n_units)
             c_alive = costs * alive
             for step in range(steps_per_round):
-                ids = batches[torch.randint(0, len(batches), (cfg.batch_size,), generator=g)]
+                ids = batches[torch.randint(0, len(batches), (cfg.batch_size,), generator=g)].to(model.device)
                 with torch.no_grad(), gates.set(alive.float()):
                     t_logits = model(input_ids=ids, use_cache=False).logits if r == 0 else None
                 if t_logits is None:

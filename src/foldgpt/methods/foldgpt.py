@@ -38,7 +38,7 @@ def choose_groups(ctx: Context, removed: list[str]) -> list[list[int]]:
     kinds = probe.layer_kinds
     if cfg.fold.select == "adjacent":
         return select_groups(kept, kinds, cfg.fold.group_size, n_fold, None)
-    ids = ctx.calib[: cfg.fold.cost_batch]
+    ids = ctx.calib[: cfg.fold.cost_batch].to(ctx.model.device)
     with torch.no_grad():
         teacher = ctx.model(input_ids=ids, use_cache=False).logits
     pruned = clone_sharing_weights(ctx.model)

@@ -13,11 +13,11 @@ The search (the paper's Algorithm 1), in original layer indices:
 - stop when the removed layers reach the budget (ctx.budget.n_remove, exactly).
 
 Choices (no configuration fields exist for LaCo, so they are module constants):
-- C = 4 (merge up to 3 layers into one per step, the paper's setting for 7B models);
-- T = 0.65 (the paper's threshold);
-- I = C: merge heads at least C layers apart, so the spans never overlap and a merged layer is never
-  merged again (the paper allows I < C on its shrinking model, which would nest merges; a plan's merges
-  are flat runs of original layers);
+- C = 4 (merge up to 3 layers into one per step), T = 0.65, I = 2 (minimum distance between merge
+  heads): the paper's Llama2-7B settings as we recall them (check the paper before quoting); in addition a span must end below the
+  previous head, so spans never overlap and a merged layer is never merged again (the paper walks its
+  shrinking model, where I < C can fold an already merged layer into a new merge; a plan's merges are
+  flat runs of original layers, so here the next head is at most min(l - I, l - 1 - K'));
 - protected layers (--protect-ends) are never merged into nor merged away;
 - the last merge is shortened (K < C - 1) so that exactly n_remove layers go.
 If a walk ends short of the budget (the threshold rejected too much), T is lowered to just below the
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 C = 4  # layers per merge (the head + up to C - 1 merged into it)
 T = 0.65  # accept a merge while the last-layer cosine similarity to the dense model exceeds this
-I = C  # minimum distance between merge heads (>= C: merges never overlap)
+I = 2  # minimum distance between merge heads (spans never overlap in any case)
 CALIB_WINDOWS = 8  # a few calibration sentences
 
 
@@ -56,8 +56,8 @@ def _final_hidden(model, ids: torch.Tensor, skip_first: bool) -> torch.Tensor:
 def laco(ctx: Context, span: int = C, threshold: float = T, interval: int = I, n_windows: int = CALIB_WINDOWS,
          ) -> tuple[list[list[int]], dict]:
     """The merges (each [l, ..., l+K]) removing exactly ctx.budget.n_remove layers, and a record."""
-    if span < 2 or interval < span:
-        raise ValueError(f"LaCo needs C >= 2 and I >= C (got C={span}, I={interval})")
+    if span < 2 or interval < 1:
+        raise ValueError(f"LaCo needs C >= 2 and I >= 1 (got C={span}, I={interval})")
     n, goal = ctx.num_layers, ctx.budget.n_remove
     prot = ctx.protected()
     ids = ctx.calib[:n_windows]

@@ -71,7 +71,7 @@ def run_sleb(ctx: Context) -> Plan:
 def _nll(model, ids: torch.Tensor, batch_size: int = 4) -> float:
     total, n = 0.0, 0
     for s in range(0, len(ids), batch_size):
-        b = ids[s : s + batch_size]
+        b = ids[s : s + batch_size].to(model.device)
         logits = model(input_ids=b, use_cache=False).logits[:, :-1].float()
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
         n += b[:, 1:].numel()

@@ -1,0 +1,54 @@
+import torch
+
+from foldgpt.adapters import get_adapter
+from foldgpt.config import CureConfig
+from foldgpt.cure import cure, tail_mse, trainable_parameters
+from foldgpt.data import calibration_batches, tokenize
+from foldgpt.models import load_model
+from foldgpt.plan import Plan
+from foldgpt.structure import SharedLinear, apply_plan_
+from foldgpt.weights import clone_sharing_weights
+
+
+def _setup(tiny_dirs, text_file):
+    dense, tok = load_model(str(tiny_dirs["llama"]))
+    adapter = get_adapter(dense.config)
+    plan = Plan(6, "llama", removed=["4"], groups=[[1, 2]], adapter_rank=2)
+    student = clone_sharing_weights(dense)
+    apply_plan_(student, plan, adapter)
+    calib = calibration_batches(tokenize(tok, text_file.read_text()), 16, 32, seed=0)
+    return dense, student, adapter, calib
+
+
+def test_cure_trains_only_small_parameters_and_lowers_kl(tiny_dirs, text_file):
+    dense, student, adapter, calib = _setup(tiny_dirs, text_file)
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    info = cure(student, dense, adapter, calib, CureConfig(steps=12, batch_size=4, warmup=2, lr=1e-2))
+    assert info["kl_last"] < info["kl_first"]
+    # the teacher (which shares Linear weights with the student) is untouched
+    for k, v in dense.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    params = trainable_parameters(student, adapter, train_all_norms=True)
+    names = {n for n, p in student.named_parameters() if any(p is q for q in params)}
+    assert names and all(("norm" in n or "lora_" in n) for n in names)
+    assert any(isinstance(m, SharedLinear) for m in student.modules())
+
+
+def test_micro_batching_and_checkpointing_match_full_batch(tiny_dirs, text_file):
+    # Adam normalises each coordinate, so compare the loss curves (the sum of what every step saw)
+    curves = []
+    for micro, ckpt in ((0, False), (1, False), (2, True)):
+        dense, student, adapter, calib = _setup(tiny_dirs, text_file)
+        info = cure(student, dense, adapter, calib, CureConfig(steps=3, batch_size=4, warmup=1, micro_batch=micro,
+                                                               grad_checkpointing=ckpt))
+        curves.append(torch.tensor([[h["kl"], h["tail"]] for h in info["history"]]))
+    for c in curves[1:]:
+        torch.testing.assert_close(c, curves[0], rtol=1e-2, atol=1e-5)
+
+
+def test_tail_mse_is_normalised_and_aligned_from_the_end():
+    t = [torch.ones(2, 3, 4) * k for k in (1.0, 2.0, 3.0)]
+    s = [torch.ones(2, 3, 4) * 2.0, torch.ones(2, 3, 4) * 3.0]
+    assert tail_mse(s, t, 2).item() == 0.0
+    s2 = [torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)]
+    assert abs(tail_mse(s2, t, 1).item() - 1.0) < 1e-6
