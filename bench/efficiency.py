@@ -28,6 +28,9 @@ def worker(source: str, out: str, threads: int) -> None:
     path = resolve(source)
     rss0 = psutil.Process().memory_info().rss
     model, tok = foldgpt.load(path)
+    with torch.no_grad():  # touch every weight once, so lazily mapped pages count in both cases
+        for p in model.parameters():
+            p.sum()
     rss = psutil.Process().memory_info().rss
     params = sum(p.numel() for p in model.parameters())
     files = [p for p in Path(path).iterdir() if p.suffix == ".safetensors"]

@@ -9,7 +9,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tinymodels import sample_text, save_tiny, tiny_model  # noqa: E402
+from tinymodels import sample_text, save_tiny, tiny_model
 
 KINDS = ["llama", "qwen2", "gemma3"]
 

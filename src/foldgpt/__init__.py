@@ -2,13 +2,24 @@
 
 __version__ = "0.1.0"
 
-from .api import analyze, compress, evaluate, load  # noqa: E402
-from .config import CompressConfig, CureConfig, FoldConfig, GateConfig  # noqa: E402
-from .errors import FoldGPTError  # noqa: E402
-from .plan import Plan  # noqa: E402
+from .api import analyze, compress, evaluate, load
+from .config import CompressConfig, CureConfig, FoldConfig, GateConfig
+from .errors import FoldGPTError
+from .plan import Plan
 
-__all__ = ["analyze", "compress", "evaluate", "load", "CompressConfig", "CureConfig", "FoldConfig", "GateConfig",
-           "FoldGPTError", "Plan", "__version__"]
+__all__ = [
+    "CompressConfig",
+    "CureConfig",
+    "FoldConfig",
+    "FoldGPTError",
+    "GateConfig",
+    "Plan",
+    "__version__",
+    "analyze",
+    "compress",
+    "evaluate",
+    "load",
+]
 
 
 def _register_auto_classes() -> None:

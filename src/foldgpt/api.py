@@ -29,7 +29,14 @@ from .methods import Context, get_method
 from .models import load_model
 from .plan import Plan, write_json_atomic
 from .report import (
-    fmt_int, markdown_table, plot_curves, plot_gates, plot_heatmap, plot_similarity_lines, ppl, text_table,
+    fmt_int,
+    markdown_table,
+    plot_curves,
+    plot_gates,
+    plot_heatmap,
+    plot_similarity_lines,
+    ppl,
+    text_table,
 )
 from .structure import apply_plan_, flops_per_token, unique_params
 from .weights import clone_sharing_weights
@@ -459,4 +466,4 @@ def load(path: str | Path):
     return load_model(str(path))
 
 
-__all__ = ["analyze", "compress", "evaluate", "generate", "info", "load", "CompressResult"]
+__all__ = ["CompressResult", "analyze", "compress", "evaluate", "generate", "info", "load"]

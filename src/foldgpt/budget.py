@@ -23,7 +23,8 @@ class Budget:
 
     @property
     def predicted_params(self) -> int:
-        return self.base_params - self.n_remove * self.block_params - self.n_fold * (self.block_params - self.child_cost)
+        fold_gain = self.block_params - self.child_cost
+        return self.base_params - self.n_remove * self.block_params - self.n_fold * fold_gain
 
 
 def _max_children(retained: int, group_size: int) -> int:

@@ -61,9 +61,9 @@ class CureConfig:
     tail_layers: int = 2
     tau: float = 1.0
     train_all_norms: bool = True
-    train_child_norms: bool = True
+    train_child_norms: bool = True  # False (with train_all_norms False): the "no norm re-adaptation" ablation
     micro_batch: int = 0  # >0: split each batch into micro-batches and accumulate gradients
-    grad_checkpointing: bool = False  # recompute activations in the backward pass (less memory)  # False (with train_all_norms False): the "no norm re-adaptation" ablation
+    grad_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
 
     def __post_init__(self):
         _check(self.steps >= 0, "cure steps must be >= 0")

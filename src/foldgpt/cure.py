@@ -83,6 +83,27 @@ def _distill_loss(student: nn.Module, teacher: nn.Module, adapter: Adapter, ids:
     return loss, kl.detach(), tail.detach()
 
 
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_(params: list[nn.Parameter], totals: dict[str, float]) -> None:
+    """Sum gradients (each rank weighted its share by shard/global batch) and the logged losses."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+    vals = torch.tensor([totals[k] for k in ("loss", "kl", "tail")], dtype=torch.float64)
+    dist.all_reduce(vals, op=dist.ReduceOp.SUM)
+    totals.update(zip(("loss", "kl", "tail"), vals.tolist()))
+
+
 def cure(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torch.Tensor, cfg: CureConfig,
          seed: int = 0) -> dict:
     """Distil `teacher` into the trainable small parameters of `student`. Returns a summary."""
@@ -103,7 +124,10 @@ def cure(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torc
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.train(True)  # Hugging Face models checkpoint only in training mode (dropout is 0 here)
     micro = cfg.micro_batch or cfg.batch_size
-    bar = tqdm(range(cfg.steps), desc="Cure", leave=False)
+    rank, world = _dist_info()
+    if world > 1:
+        log.info("cure: data parallel over %d processes (rank %d)", world, rank)
+    bar = tqdm(range(cfg.steps), desc="Cure", leave=False, disable=rank != 0)
     for step in bar:
         take = [(step * cfg.batch_size + j) % len(batches) for j in range(cfg.batch_size)]
         batch = batches[order[take]].to(student.device)
@@ -111,13 +135,16 @@ def cure(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torc
             group["lr"] = lr_at(step, cfg)
         opt.zero_grad()
         totals = {"loss": 0.0, "kl": 0.0, "tail": 0.0}
-        for start in range(0, len(batch), micro):
-            ids = batch[start : start + micro]
+        shard = batch[rank::world]  # data parallel: each rank takes its share of the global batch
+        for start in range(0, len(shard), micro):
+            ids = shard[start : start + micro]
             weight = len(ids) / len(batch)
             loss, kl, tail = _distill_loss(student, teacher, adapter, ids, cfg)
             (loss * weight).backward()
             for k, v in (("loss", loss), ("kl", kl), ("tail", tail)):
                 totals[k] += v.item() * weight
+        if world > 1:
+            _all_reduce_(params, totals)
         opt.step()
         history.append({"step": step, **totals})
         bar.set_postfix(kl=f"{totals['kl']:.3f}", tail=f"{totals['tail']:.3f}")

@@ -43,7 +43,9 @@ def _read_file(path: Path) -> list[str]:
             try:
                 row = json.loads(line)
             except ValueError:
-                raise FoldGPTError(f"{path}:{i + 1} is not valid JSON; each line must be an object with 'text'") from None
+                raise FoldGPTError(
+                    f"{path}:{i + 1} is not valid JSON; each line must be an object with 'text'"
+                ) from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise FoldGPTError(f"{path}:{i + 1} has no string field 'text'")
             docs.append(row["text"])
@@ -116,7 +118,8 @@ def load_text(specs: list[str] | str | None, split: str = "train") -> Corpus:
             sources.append(str(path))
         else:
             raise FoldGPTError(
-                f"text not found: '{spec}' (give a .txt/.jsonl file, a directory, or one of {', '.join(NAMED_DATASETS)})"
+                f"text not found: '{spec}' (give a .txt/.jsonl file, a directory, "
+                f"or one of {', '.join(NAMED_DATASETS)})"
             )
     text = "\n\n".join(d for d in docs if d)
     if not text.strip():

@@ -132,20 +132,34 @@ def base_config_from_dict(d: dict) -> PretrainedConfig:
     return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
-def build_empty(base_config: dict, layout: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The folded architecture with uninitialised storage: every unique tensor allocated once, no copy
-    per position (the dense skeleton lives on the meta device, which costs no memory)."""
+def build_meta(base_config: dict, layout: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The folded architecture on the meta device (no memory): the dense skeleton is never allocated."""
     config = base_config_from_dict(base_config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     apply_layout_(model, layout)
+    return model
+
+
+def materialize_buffers_(model: nn.Module, device: str = "cpu") -> None:
+    """Non-persistent buffers (rotary frequencies, embedding scales) are not stored: recompute them."""
+    with torch.no_grad():
+        for mod in model.modules():
+            metas = [n for n, b in mod.named_buffers(recurse=False) if b is not None and b.device.type == "meta"]
+            for name in metas:
+                buf = getattr(mod, name)
+                mod._buffers[name] = torch.empty_like(buf, device=device)
+            if metas:
+                model._init_weights(mod)
+
+
+def build_empty(base_config: dict, layout: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The folded architecture with uninitialised storage, every unique tensor allocated once."""
+    model = build_meta(base_config, layout, dtype)
     model.to_empty(device="cpu")
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    with torch.no_grad():  # non-persistent buffers (rotary frequencies, embedding scales) are not stored
-        for mod in model.modules():
-            if any(True for _ in mod.buffers(recurse=False)):
-                model._init_weights(mod)
+    materialize_buffers_(model)
     return model
 
 
@@ -153,8 +167,11 @@ def alias_keys(model: nn.Module) -> dict[str, str]:
     """state_dict keys that alias an earlier key's storage (shared and tied weights) -> that key."""
     owner: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
-    for k, v in model.state_dict().items():
-        key = (v.data_ptr(), tuple(v.shape), v.stride(), v.dtype) if v.numel() else ("empty", k)
+    for k, v in model.state_dict(keep_vars=True).items():
+        if v.device.type == "meta":  # meta tensors have no storage: shared ones are the same object
+            key = ("meta", id(v))
+        else:
+            key = (v.data_ptr(), tuple(v.shape), v.stride(), v.dtype) if v.numel() else ("empty", k)
         if key in owner:
             aliases[k] = owner[key]
         else:
@@ -163,18 +180,27 @@ def alias_keys(model: nn.Module) -> dict[str, str]:
 
 
 def load_folded_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Build the folded model from a folder and copy its stored tensors in (no copy per position)."""
+    """Build the folded model from a folder. The stored tensors are assigned into the meta skeleton (no
+    second copy, no copy per position); shared modules receive their tensor once, tied weights are re-tied."""
     from transformers.modeling_utils import load_state_dict
 
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
-    model = build_empty(cfg["base_config"], cfg["fold_layout"], dtype)
+    model = build_meta(cfg["base_config"], cfg["fold_layout"], dtype)
+    materialize_buffers_(model)  # before the weights: re-initialising a module's buffers may touch its weights
+    aliases = alias_keys(model)
     state = load_state_dict(os.path.join(path, WEIGHTS_NAME))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    bad = set(missing) - set(alias_keys(model))
-    if unexpected or bad:
-        raise ValueError(f"{path}: weights do not match the layout (missing {sorted(bad)[:3]}, "
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    del state
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    bad = set(missing) - set(aliases)
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if unexpected or bad or left:
+        raise ValueError(f"{path}: weights do not match the layout (missing {sorted(bad or left)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]})")
+    materialize_buffers_(model)
     model.eval()
     model.config._name_or_path = str(path)
     return model

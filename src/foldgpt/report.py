@@ -8,10 +8,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
-def fmt_int(n: int | float | None) -> str:
+def fmt_int(n: float | None) -> str:
     return "-" if n is None else f"{int(n):,}"
 
 

@@ -14,7 +14,8 @@ The search (the paper's Algorithm 1), in original layer indices:
 
 Choices (no configuration fields exist for LaCo, so they are module constants):
 - C = 4 (merge up to 3 layers into one per step), T = 0.65, I = 2 (minimum distance between merge
-  heads): the paper's Llama2-7B settings as we recall them (check the paper before quoting); in addition a span must end below the
+  heads): the paper's Llama2-7B settings as we recall them (check the paper before quoting);
+  in addition a span must end below the
   previous head, so spans never overlap and a merged layer is never merged again (the paper walks its
   shrinking model, where I < C can fold an already merged layer into a new merge; a plan's merges are
   flat runs of original layers, so here the next head is at most min(l - I, l - 1 - K'));
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 C = 4  # layers per merge (the head + up to C - 1 merged into it)
 T = 0.65  # accept a merge while the last-layer cosine similarity to the dense model exceeds this
-I = 2  # minimum distance between merge heads (spans never overlap in any case)
+I = 2  # noqa: E741  minimum distance between merge heads (spans never overlap in any case)
 CALIB_WINDOWS = 8  # a few calibration sentences
 
 

@@ -1,0 +1,96 @@
+"""Layer-by-layer streaming (the SparseGPT/GPTQ pattern): catch what the first layer receives, then run one
+layer at a time on the device over the cached calibration activations, so peak device memory is about
+one block plus activations, not the whole model.
+
+Every decoder layer is first replaced by a catcher that records its call (hidden states and the keyword
+arguments the model builds for it: masks, rotary embeddings, per layer kind) and passes its input through,
+so one cheap pass of the model yields every layer's arguments; then the real layers are run in turn.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+from .analysis import cosine_matrix_sums
+
+
+class _Catcher(nn.Module):
+    def __init__(self, layer: nn.Module, store: list):
+        super().__init__()
+        self.layer = layer  # kept so attributes such as attention_type stay reachable
+        self.store = store
+
+    def forward(self, hidden_states, *args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+        self.store.append((hidden_states.detach(), args, kwargs))
+        return hidden_states
+
+
+@contextmanager
+def _catchers(model: nn.Module, adapter: Adapter):
+    layers = adapter.layers(model)
+    originals = list(layers)
+    stores: list[list] = [[] for _ in originals]
+    for i, layer in enumerate(originals):
+        layers[i] = _Catcher(layer, stores[i])
+    try:
+        yield stores
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """h_0 (the first layer's input) and, for every layer, the (args, kwargs) it is called with."""
+    with _catchers(model, adapter) as stores:
+        model.model(input_ids=ids, use_cache=False)
+    return stores[0][0][0], [(s[0][1], s[0][2]) for s in stores]
+
+
+@torch.no_grad()
+def streamed_hidden_states(model: nn.Module, adapter: Adapter, ids: torch.Tensor, device: str | torch.device,
+                           offload: str | torch.device = "cpu"):
+    """Yield (l, h_l) for l = 0..L, running one layer at a time on `device`. The model stays on `offload`
+    except for the layer being run."""
+    h, calls = layer_inputs(model, adapter, ids)
+    yield 0, h
+    h = h.to(device)
+    for i, layer in enumerate(adapter.layers(model)):
+        args, kwargs = calls[i]
+        layer.to(device)
+        kwargs = {k: _to(v, device) for k, v in kwargs.items()}
+        out = layer(h, *[_to(a, device) for a in args], **kwargs)
+        h = out[0] if isinstance(out, tuple) else out
+        layer.to(offload)
+        yield i + 1, h.to(offload)
+
+
+def _to(v, device):
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    if isinstance(v, tuple):
+        return tuple(_to(x, device) for x in v)
+    if isinstance(v, dict):
+        return {k: _to(x, device) for k, x in v.items()}
+    return v
+
+
+@torch.no_grad()
+def streamed_similarity(model: nn.Module, adapter: Adapter, batches: torch.Tensor, skip_first: bool,
+                        device: str | torch.device = "cpu", batch_size: int = 4) -> torch.Tensor:
+    """The (L+1)x(L+1) mean-cosine matrix of `analysis.similarity`, computed layer by layer."""
+    total, count = None, 0
+    for i in range(0, len(batches), batch_size):
+        ids = batches[i : i + batch_size]
+        states = []
+        for _, h in streamed_hidden_states(model, adapter, ids.to(model.device), device, model.device):
+            states.append(h[:, 1:] if skip_first else h)
+        s, n = cosine_matrix_sums(torch.stack(states).flatten(1, 2))
+        total = s if total is None else total + s
+        count += n
+    return total / count
