@@ -81,7 +81,8 @@ def plot_curves(curves: dict[str, list[float]], path: Path, ylabel: str, title: 
         ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if any(curves.values()):
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
