@@ -114,3 +114,21 @@ def test_generate_with_cache_matches_without(folded, kind):
         b = model.generate(input_ids=prompt, max_new_tokens=24, do_sample=False, use_cache=False, pad_token_id=2)
     assert torch.equal(a, b)
     assert a.shape[1] > prompt.shape[1]
+
+
+def test_info_and_generate_cli(folded):
+    import json as _json
+
+    from test_errors import run_cli
+
+    d, mem = folded["llama"]
+    proc = run_cli("info", d, "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = _json.loads(proc.stdout)
+    assert info["positions"] == len(mem.model.layers) and info["layers_before"] == 6
+    assert info["removed"] and info["groups"] and info["unique_params"] == foldgpt.api.unique_params(mem)
+    proc = run_cli("generate", d, "It is a truth", "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip()
+    proc = run_cli("info", d.parent)
+    assert proc.returncode == 2 and "foldgpt: error:" in proc.stderr
