@@ -52,3 +52,18 @@ def test_eval_cli_several_models_json_in_order(tiny_dirs, eval_file, tmp_path):
 def test_evaluate_api_matches_cli_numbers(tiny_dirs, eval_file):
     rows = foldgpt.evaluate([str(tiny_dirs["llama"])], [str(eval_file)], seq_len=32, max_tokens=200)
     assert rows[0]["tokens"] == 217  # 7 windows x 31 predicted tokens
+
+
+def test_eval_cli_tasks_and_cloze(tiny_dirs, eval_file, tmp_path):
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"context": "It is a truth", "choices": [" universally", " dog"], "answer": 0}\n'
+                    '{"context": "The quick brown", "choices": [" fox", " wife"], "answer": 0}\n')
+    out = tmp_path / "r.json"
+    proc = run_cli("eval", tiny_dirs["llama"], "--text", eval_file, "--seq-len", "32", "--max-tokens", "64",
+                   "--tasks", task, "--cloze", "5", "--json", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())[0]
+    assert row["tasks"]["t"]["n"] == 2 and 0.0 <= row["tasks"]["t"]["acc"] <= 1.0
+    assert row["cloze"]["n"] == 5
+    proc = run_cli("eval", tiny_dirs["llama"], "--tasks", task, "--lm-eval", "lambada_openai")
+    assert proc.returncode == 2 and "lm-eval" in proc.stderr

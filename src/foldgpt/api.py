@@ -371,22 +371,43 @@ def _model_card(s: dict, plan: Plan, source: str, folder: Path) -> str:
 
 
 # ---- evaluate -----------------------------------------------------------------------------------------
-def evaluate(models: list[str] | str, text: list[str] | str, seq_len: int = 512, max_tokens: int | None = None,
-             json_out: str | Path | None = None, batch_size: int = 4) -> list[dict]:
-    """Perplexity (and bits per byte) of one or more models on the same text. Mirrors `foldgpt eval`."""
+def evaluate(models: list[str] | str, text: list[str] | str | None, seq_len: int = 512,
+             max_tokens: int | None = None, json_out: str | Path | None = None, batch_size: int = 4,
+             tasks: list[str] | None = None, task_limit: int | None = None, cloze: int = 0,
+             lm_eval: list[str] | None = None) -> list[dict]:
+    """Perplexity (and bits per byte) of one or more models on the same text, plus zero-shot tasks:
+    multiple choice (BIG-bench task.json / JSONL), a cloze task built from the text, lm-eval tasks.
+    Mirrors `foldgpt eval`."""
     models = [models] if isinstance(models, str) else list(models)
-    if not text:
-        raise FoldGPTError("give evaluation text with --text (a .txt/.jsonl file, a directory or a dataset name)")
-    corpus = load_text(text, split="test")
+    if not text and not tasks and not lm_eval:
+        raise FoldGPTError("give evaluation text with --text (a .txt/.jsonl file, a directory or a dataset name) "
+                           "or --tasks")
+    corpus = load_text(text, split="test") if text else None
+    if cloze and corpus is None:
+        raise FoldGPTError("--cloze builds its examples from --text; give --text")
     rows = []
     for name in models:
         model, tok = load_model(name)
         adapter = get_adapter(model.config)
         bos = needs_bos(tok, adapter.needs_bos)
-        res = perplexity(model, tok, tokenize(tok, corpus.text), seq_len, bos, max_tokens, batch_size)
-        row = {"model": name, **res.to_dict(), "unique_params": unique_params(model), "text": corpus.sources}
+        row: dict = {"model": name, "unique_params": unique_params(model)}
+        if corpus is not None:
+            res = perplexity(model, tok, tokenize(tok, corpus.text), seq_len, bos, max_tokens, batch_size)
+            row.update(res.to_dict(), text=corpus.sources)
+            log.info("%s: perplexity %.3f over %d tokens", name, res.perplexity, res.tokens)
+        if tasks:
+            from .tasks import evaluate_tasks
+
+            row["tasks"] = evaluate_tasks(model, tok, tasks, bos=bos, limit=task_limit)
+        if cloze:
+            from .tasks import cloze_examples, evaluate_cloze
+
+            row["cloze"] = evaluate_cloze(model, tok, cloze_examples(corpus.text, n=cloze), bos=bos)
+        if lm_eval:
+            from .tasks import run_lm_eval
+
+            row["lm_eval"] = run_lm_eval(model, tok, lm_eval, limit=task_limit)
         rows.append(row)
-        log.info("%s: perplexity %.3f over %d tokens", name, res.perplexity, res.tokens)
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(json_out, rows)
@@ -394,9 +415,20 @@ def evaluate(models: list[str] | str, text: list[str] | str, seq_len: int = 512,
 
 
 def eval_table(rows: list[dict]) -> str:
+    task_names = list(rows[0].get("tasks", {}))
     headers = ["model", "perplexity", "bits/byte", "tokens", "unique params"]
-    return text_table(headers, [[r["model"], ppl(r["perplexity"]), f"{r['bits_per_byte']:.4f}", r["tokens"],
-                                 fmt_int(r["unique_params"])] for r in rows])
+    headers += [f"{t} acc/acc_norm" for t in task_names]
+    if "cloze" in rows[0]:
+        headers.append("cloze acc")
+    body = []
+    for r in rows:
+        line = [r["model"], ppl(r.get("perplexity")), f"{r['bits_per_byte']:.4f}" if "bits_per_byte" in r else "-",
+                r.get("tokens", "-"), fmt_int(r["unique_params"])]
+        line += [f"{r['tasks'][t]['acc']:.3f}/{r['tasks'][t]['acc_norm']:.3f}" for t in task_names]
+        if "cloze" in r:
+            line.append(f"{r['cloze']['acc']:.3f}")
+        body.append(line)
+    return text_table(headers, body)
 
 
 def info(path: str | Path) -> dict:

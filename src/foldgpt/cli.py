@@ -65,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of one or more models on the same text")
     e.add_argument("models", nargs="+")
-    e.add_argument("--text", nargs="*", required=True)
+    e.add_argument("--text", nargs="*", default=None)
+    e.add_argument("--tasks", default="", help="comma list of BIG-bench task.json (or folders) / JSONL files")
+    e.add_argument("--task-limit", type=int, default=None, help="first N examples of each task")
+    e.add_argument("--cloze", type=int, default=0, help="a LAMBADA-style cloze task of N examples from --text")
+    e.add_argument("--lm-eval", default="", help="comma list of lm-evaluation-harness tasks (optional extra)")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--max-tokens", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=4)
@@ -151,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "eval":
             from .api import eval_table, evaluate
 
-            rows = evaluate(args.models, args.text, args.seq_len, args.max_tokens, args.json, args.batch_size)
+            rows = evaluate(args.models, args.text, args.seq_len, args.max_tokens, args.json, args.batch_size,
+                            [t for t in args.tasks.split(",") if t], args.task_limit, args.cloze,
+                            [t for t in args.lm_eval.split(",") if t])
             print(eval_table(rows))
             return 0
         if args.cmd == "bench":
