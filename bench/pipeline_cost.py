@@ -57,6 +57,9 @@ def main(argv=None) -> dict:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    # random weights give tiny activations deep in the stack: without this, denormal floats make the CPU
+    # many times slower than on real weights and the measurement would be about denormals, not the model
+    torch.set_flush_denormal(True)
     from shapes import byte_tokenizer, random_model
 
     from foldgpt.adapters import get_adapter

@@ -64,3 +64,31 @@ def test_budget_hits_target(tiny_dirs, text_file, tmp_path):
                            fast_config(target_params=0.7, cure=False))
     assert res.summary["unique_params"] <= 0.7 * res.summary["base_params"]
     assert res.summary["unique_params"] == unique_params(res.model)
+
+
+def test_svd_initialised_delta_recovers_the_childs_own_weights_at_full_rank(tiny_dirs):
+    model, _ = load_model(str(tiny_dirs["llama"]))
+    adapter = get_adapter(model.config)
+    original = model.model.layers[2].self_attn.q_proj.weight.detach().clone()
+    plan = Plan(6, "llama", groups=[[1, 2]], adapter_rank=32, adapter_init="svd")  # 32 = full rank of q_proj
+    student = clone_sharing_weights(model)
+    apply_plan_(student, plan, adapter)
+    view = student.model.layers[2].self_attn.q_proj
+    torch.testing.assert_close(view.merged_weight(), original, rtol=1e-4, atol=1e-5)
+    zero = clone_sharing_weights(model)
+    apply_plan_(zero, Plan(6, "llama", groups=[[1, 2]], adapter_rank=4), adapter)
+    child_w = zero.model.layers[2].self_attn.q_proj.merged_weight()
+    assert torch.equal(child_w, model.model.layers[1].self_attn.q_proj.weight)
+
+
+def test_sublayer_compress_round_trip(tiny_dirs, text_file, tmp_path):
+    from helpers import fast_config
+
+    res = foldgpt.compress(str(tiny_dirs["gemma3"]), [str(text_file)], tmp_path / "o",
+                           fast_config(gate=foldgpt.GateConfig(unit="sublayer", steps=8, rounds=2)))
+    assert any("." in u for u in res.plan.removed) or res.plan.removed
+    model, _ = foldgpt.load(tmp_path / "o")
+    ids = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - res.model(input_ids=ids).logits).abs().max().item() <= 1e-5
+    assert unique_params(model) == res.summary["unique_params"]
