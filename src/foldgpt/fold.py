@@ -44,11 +44,15 @@ def candidate_groups(kept: list[int], kinds: list[str], group_size: int) -> list
 
 @torch.no_grad()
 def fold_costs(model: nn.Module, adapter: Adapter, kept: list[int], kinds: list[str], group_size: int,
-               teacher_logits: torch.Tensor, ids: torch.Tensor, paths: list[str]) -> dict[tuple[int, int], float]:
+               teacher_logits: torch.Tensor, ids: torch.Tensor, paths: list[str],
+               foldable: list[int] | None = None) -> dict[tuple[int, int], float]:
     """Increase of KL(dense || current) on a calibration batch when child c runs parent p's weights,
-    for every (p, c) pair that some candidate group contains. `model` already has removals applied
-    and its layers are indexed by position; kept[i] is the original index of position i."""
+    for every (p, c) pair that some candidate group (of `foldable` layers, default all kept) contains.
+    `model` already has removals applied and its layers are indexed by position; kept[i] is the
+    original index of position i."""
     pos = {layer: i for i, layer in enumerate(kept)}
+    if foldable is not None:
+        kept = foldable
     layers = adapter.layers(model)
     base = kl_div(teacher_logits, model(input_ids=ids, use_cache=False).logits).item()
     pairs = sorted({(g[0], c) for g in candidate_groups(kept, kinds, group_size) for c in g[1:]})

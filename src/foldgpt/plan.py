@@ -98,6 +98,8 @@ class Plan:
             if len(g) < 2 or g != sorted(g):
                 raise FoldGPTError(f"plan group {g} must list >= 2 layers in increasing order")
             for layer in g:
+                if layer in self.removed_sublayers():
+                    raise FoldGPTError(f"plan group {g} uses layer {layer}, which lost a sub-block; it cannot share")
                 if layer not in kept or layer in seen:
                     raise FoldGPTError(f"plan group {g} uses layer {layer}, which is removed or already grouped")
                 seen.add(layer)

@@ -25,10 +25,12 @@ def init_lowrank_(shared: SharedLinear, own: nn.Linear | None, init: str, seed: 
         if init == "svd" and own is not None:
             delta = (own.weight - shared.base.weight).float()  # (out, in)
             u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-            r = shared.rank
+            r = min(shared.rank, s.numel())  # a rank above min(out, in) pads with zeros
             root = s[:r].sqrt()
-            shared.lora_B.copy_((u[:, :r] * root).to(shared.lora_B.dtype))
-            shared.lora_A.copy_((root[:, None] * vh[:r]).to(shared.lora_A.dtype))
+            shared.lora_B.zero_()
+            shared.lora_A.zero_()
+            shared.lora_B[:, :r].copy_((u[:, :r] * root).to(shared.lora_B.dtype))
+            shared.lora_A[:r].copy_((root[:, None] * vh[:r]).to(shared.lora_A.dtype))
         else:
             g = torch.Generator().manual_seed(seed)
             a = torch.randn(shared.lora_A.shape, generator=g) / math.sqrt(shared.in_features)

@@ -34,7 +34,8 @@ def choose_groups(ctx: Context, removed: list[str]) -> list[list[int]]:
     if n_fold == 0:
         return []
     probe = ctx.new_plan(removed, [])
-    kept = probe.kept_layers()
+    partial = probe.removed_sublayers()  # layers that lost a sub-block are not folded
+    kept = [i for i in probe.kept_layers() if i not in partial]
     kinds = probe.layer_kinds
     if cfg.fold.select == "adjacent":
         return select_groups(kept, kinds, cfg.fold.group_size, n_fold, None)
@@ -44,7 +45,8 @@ def choose_groups(ctx: Context, removed: list[str]) -> list[list[int]]:
     pruned = clone_sharing_weights(ctx.model)
     apply_plan_(pruned, probe, ctx.adapter)
     paths = cfg.fold.shared_linears or list(ctx.adapter.linears)
-    costs = fold_costs(pruned, ctx.adapter, kept, kinds, cfg.fold.group_size, teacher, ids, paths)
+    costs = fold_costs(pruned, ctx.adapter, probe.kept_layers(), kinds, cfg.fold.group_size, teacher, ids, paths,
+                       foldable=kept)
     del pruned
     ctx.info["fold_costs"] = {f"{p}->{c}": v for (p, c), v in costs.items()}
     return select_groups(kept, kinds, cfg.fold.group_size, n_fold, costs)
