@@ -154,6 +154,17 @@ class Session:
     analysis: dict
     corpus: object
     seconds: dict = field(default_factory=dict)
+    _dense_loss: float | None = None
+
+    def held(self) -> torch.Tensor:
+        """The calibration windows every method's calibration loss is measured on."""
+        return self.calib[: min(16, len(self.calib))]
+
+    def dense_loss(self) -> float:
+        """The dense model's calibration loss, computed once per session (bench reuses it for every row)."""
+        if self._dense_loss is None:
+            self._dense_loss = calibration_loss(self.dense, self.held())
+        return self._dense_loss
 
 
 def prepare(model: str, text: list[str] | str | None, cfg: CompressConfig,
@@ -210,15 +221,14 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> Met
         }
         student = clone_sharing_weights(s.dense)
         apply_plan_(student, the_plan, s.adapter, seed=cfg.seed)
-    held = s.calib[: min(16, len(s.calib))]
+    held = s.held()
     do_cure = method.cures_by_default if cfg.cure is None else cfg.cure
     with timer.stage("Curing", 4, 6):
         loss_before_cure = calibration_loss(student, held)
         cure_info = (run_cure(student, s.dense, s.adapter, s.calib, cfg.cure_cfg, seed=cfg.seed) if do_cure
                      else {"steps": 0, "trainable_params": 0, "history": []})
     with timer.stage("Measuring", 5, 6):
-        summary = _summary(s.dense, student, s.adapter, the_plan, held, loss_before_cure, cure_info, cfg,
-                           s.analysis, budget, do_cure)
+        summary = _summary(s, student, the_plan, loss_before_cure, cure_info, cfg, budget, do_cure)
     summary["seconds"] = timer.seconds
     summary["source"] = s.source
     return MethodRun(the_plan, student, summary, ctx.info, cure_info)
@@ -247,8 +257,8 @@ def compress(model: str, text: list[str] | str | None, out: str | Path, config: 
     return CompressResult(Path(out), run.plan, summary, summary_table(summary), run.student, session.tokenizer)
 
 
-def _summary(dense, student, adapter, plan, held, loss_before_cure, cure_info, cfg, analysis, budget,
-             cured) -> dict:
+def _summary(s: Session, student, plan, loss_before_cure, cure_info, cfg, budget, cured) -> dict:
+    dense, adapter = s.dense, s.adapter
     base, uniq = unique_params(dense), unique_params(student)
     f_base, f_new = flops_per_token(dense, adapter, cfg.seq_len), flops_per_token(student, adapter, cfg.seq_len)
     return {
@@ -264,9 +274,9 @@ def _summary(dense, student, adapter, plan, held, loss_before_cure, cure_info, c
         "depth": len(adapter.layers(student)),
         "removed": plan.removed,
         "groups": plan.groups,
-        "calib_loss_dense": calibration_loss(dense, held),
+        "calib_loss_dense": s.dense_loss(),
         "calib_loss_before_cure": loss_before_cure,
-        "calib_loss": calibration_loss(student, held),
+        "calib_loss": calibration_loss(student, s.held()),
         "cured": cured,
         "cure_steps": cure_info.get("steps", 0),
         "trainable_params": cure_info.get("trainable_params", 0),

@@ -185,11 +185,8 @@ def train_gates(model: nn.Module, adapter: Adapter, batches: torch.Tensor, to_re
             c_alive = costs * alive
             for step in range(steps_per_round):
                 ids = batches[torch.randint(0, len(batches), (cfg.batch_size,), generator=g)].to(model.device)
-                with torch.no_grad(), gates.set(alive.float()):
-                    t_logits = model(input_ids=ids, use_cache=False).logits if r == 0 else None
-                if t_logits is None:
-                    with torch.no_grad(), gates.set(torch.ones(n_units)):
-                        t_logits = model(input_ids=ids, use_cache=False).logits
+                with torch.no_grad(), gates.set(torch.ones(n_units)):  # teacher: the ungated dense model
+                    t_logits = model(input_ids=ids, use_cache=False).logits
                 ramp = min(1.0, (step + 1) / max(1, int(cfg.anneal * steps_per_round)))
                 keep = 1.0 - frac_off * ramp
                 gv = (param.clamp(0.0, 1.0) * alive) if opt is not None else theta.clone().requires_grad_(True)
