@@ -52,3 +52,43 @@ def test_tail_mse_is_normalised_and_aligned_from_the_end():
     assert tail_mse(s, t, 2).item() == 0.0
     s2 = [torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)]
     assert abs(tail_mse(s2, t, 1).item() - 1.0) < 1e-6
+
+
+def test_cure_adapters_merge_into_new_weights_and_are_shared_by_children(tiny_dirs, text_file):
+    from foldgpt.lora import MergeableLoRA, unique_linears
+
+    dense, student, adapter, calib = _setup(tiny_dirs, text_file)
+    linears = unique_linears(student, adapter)
+    # 5 kept layers, one a child of layer 1: 4 layers' own Linears, 7 each
+    assert len(linears) == 4 * len(adapter.linears)
+    lora = MergeableLoRA(linears, rank=3, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for b in lora.B:
+            b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+    ids = calib[:2]
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    with torch.no_grad():
+        hooked = student(input_ids=ids).logits
+        plain = dense(input_ids=ids).logits
+        lora.merge_()
+        merged = student(input_ids=ids).logits
+    assert (hooked - plain).abs().max() > 1e-3  # the adapters change the function...
+    torch.testing.assert_close(merged, hooked, rtol=1e-4, atol=1e-4)  # ...and merging keeps it
+    for k, v in dense.state_dict().items():  # the teacher's weights are untouched
+        assert torch.equal(v, before[k]), k
+    child = adapter.layers(student)[2]  # position 2 is original layer 2, the child of layer 1
+    parent = adapter.layers(student)[1]
+    assert child.self_attn.q_proj.base.weight is parent.self_attn.q_proj.weight
+
+
+def test_cure_with_adapters_keeps_unique_parameter_count(tiny_dirs, text_file):
+    from foldgpt.structure import unique_params
+
+    dense, student, adapter, calib = _setup(tiny_dirs, text_file)
+    n = unique_params(student)
+    info = cure(student, dense, adapter, calib, CureConfig(steps=3, batch_size=2, warmup=1, lora_rank=4,
+                                                           precision="bf16"))
+    assert info["steps"] == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in info["history"])
+    assert unique_params(student) == n
+    assert not any(p.requires_grad for p in student.parameters())

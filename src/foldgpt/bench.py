@@ -8,6 +8,7 @@ perplexity (eval file name -> perplexity), bits_per_byte, tasks (task -> accurac
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from dataclasses import replace
@@ -18,9 +19,10 @@ import torch
 from .api import atomic_dir, prepare, run_method
 from .config import CompressConfig
 from .data import load_text, tokenize
+from .errors import FoldGPTError
 from .evaluate import perplexity
 from .methods import get_method
-from .plan import write_json_atomic
+from .plan import Plan, write_json_atomic
 from .report import fmt_int, markdown_table, plot_xy, ppl
 from .structure import flops_per_token, unique_params
 
@@ -71,15 +73,55 @@ def _evaluate(model, tok, bos: bool, eval_ids: dict[str, torch.Tensor], seq_len:
     return out
 
 
+def _plan_key(cfg: CompressConfig) -> str:
+    """Everything that decides a method's plan (not the cure): rows that agree on it share one plan."""
+    d = cfg.to_dict()
+    d.pop("cure")
+    d.pop("cure_cfg")
+    return json.dumps(d, sort_keys=True)
+
+
+def rows_file(out: str | Path) -> Path:
+    """Finished rows are appended here as they complete, so a stopped bench can `--resume`."""
+    out = Path(out)
+    return out.parent / f"{out.name}.rows.jsonl"
+
+
 def bench(model: str, methods: list[str], targets: list[float], text: list[str] | None, eval_text: list[str],
           out: str | Path, tasks: list[str] | None = None, cure: bool = False, base: CompressConfig | None = None,
           eval_seq_len: int = 512, eval_max_tokens: int | None = None, task_limit: int | None = None,
-          cloze: int = 0, overwrite: bool = False) -> list[dict]:
-    """Run every method at every target on one calibration set and write results.json/.md and plots."""
+          cloze: int = 0, overwrite: bool = False, resume: bool = False) -> list[dict]:
+    """Run every method at every target on one calibration set and write results.json/.md and plots.
+
+    Rows that differ only in the cure (a peer with and without it, foldgpt and its cure ablations)
+    reuse one plan. Each finished row is appended to `rows_file(out)`; with `resume`, rows already
+    there for the same command are kept instead of rerun."""
     base = base or CompressConfig()
     tasks = tasks or []
     for m in methods:
         variant_config(m, base, targets[0], None)  # fail early on unknown names
+    if Path(out).exists() and not overwrite:
+        raise FoldGPTError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    command = {"model": model, "text": text, "eval_text": eval_text, "tasks": tasks, "task_limit": task_limit,
+               "cloze": cloze, "eval_seq_len": eval_seq_len, "eval_max_tokens": eval_max_tokens,
+               "base": base.to_dict()}
+    done: dict[tuple, dict] = {}
+    log_path = rows_file(out)
+    if resume and log_path.exists():
+        for line in log_path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("command") == json.loads(json.dumps(command)):
+                done[(rec["row"]["method"], rec["row"]["target"], rec["row"]["cure"])] = rec["row"]
+        log.info("bench: resuming with %d finished rows from %s", len(done), log_path)
+    elif log_path.exists():
+        log_path.unlink()
+
+    def finish(row: dict) -> None:
+        rows.append(row)
+        if (row["method"], row["target"], row["cure"]) not in done:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"command": command, "row": row}) + "\n")
+
     session = prepare(model, text, base)
     tok, bos = session.tokenizer, session.bos
     eval_ids = {}
@@ -90,29 +132,40 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
         from .tasks import cloze_examples
 
         cloze_set = {"examples": cloze_examples(load_text([eval_text[0]]).text, n=cloze, seed=base.seed)}
-    rows = []
-    t = time.perf_counter()
-    dense_eval = _evaluate(session.dense, tok, bos, eval_ids, eval_seq_len, eval_max_tokens, tasks, task_limit,
-                           cloze_set)
-    base_params = unique_params(session.dense)
-    rows.append({"method": "dense", "target": 1.0, "cure": False, "unique_params": base_params,
-                 "params_ratio": 1.0, "flops_ratio": 1.0, "seconds": 0.0, **dense_eval,
-                 "eval_seconds": time.perf_counter() - t})
+    rows: list[dict] = []
+    if ("dense", 1.0, False) in done:
+        finish(done[("dense", 1.0, False)])
+    else:
+        t = time.perf_counter()
+        dense_eval = _evaluate(session.dense, tok, bos, eval_ids, eval_seq_len, eval_max_tokens, tasks, task_limit,
+                               cloze_set)
+        finish({"method": "dense", "target": 1.0, "cure": False, "unique_params": unique_params(session.dense),
+                "params_ratio": 1.0, "flops_ratio": 1.0, "seconds": 0.0, **dense_eval,
+                "eval_seconds": time.perf_counter() - t})
+    plans: dict[str, tuple[Plan, float]] = {}  # plan key -> (plan, seconds it took to make)
     for target in targets:
         for name in methods:
             method = VARIANTS.get(name, (name, {}))[0]
             cures_by_default = get_method(method).cures_by_default
             modes = [True] if cures_by_default else ([False, True] if cure else [False])
             for do_cure in modes:
+                if (name, target, do_cure) in done:
+                    finish(done[(name, target, do_cure)])
+                    continue
                 cfg = variant_config(name, base, target, do_cure)
-                log.info("bench: %s at %.2f%s", name, target, " + cure" if do_cure else "")
+                key = _plan_key(cfg)
+                log.info("bench: %s at %.2f%s%s", name, target, " + cure" if do_cure else "",
+                         " (plan reused)" if key in plans else "")
                 t = time.perf_counter()
-                run = run_method(session, cfg)
-                seconds = time.perf_counter() - t
+                plan, plan_seconds = plans.get(key, (None, 0.0))
+                run = run_method(session, cfg, plan)
+                seconds = time.perf_counter() - t + plan_seconds
+                if plan is None:
+                    plans[key] = (run.plan, run.summary["seconds"].get("Planning", 0.0))
                 t = time.perf_counter()
                 ev = _evaluate(run.student, tok, bos, eval_ids, eval_seq_len, eval_max_tokens, tasks, task_limit,
                                cloze_set)
-                rows.append({
+                finish({
                     "method": name, "target": target, "cure": do_cure,
                     "unique_params": run.summary["unique_params"], "params_ratio": run.summary["params_ratio"],
                     "flops_ratio": flops_per_token(run.student, session.adapter, eval_seq_len)
@@ -126,6 +179,7 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
         write_json_atomic(tmp / "results.json", rows)
         (tmp / "results.md").write_text(results_markdown(rows, model))
         _plots(rows, tmp)
+    log_path.unlink(missing_ok=True)
     return rows
 
 

@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     cure.add_argument("--cure", dest="cure", action="store_true", default=None, help="cure any method")
     cure.add_argument("--no-cure", dest="cure", action="store_false")
     c.add_argument("--seed", type=int, default=0)
+    _add_run_args(c)
     c.add_argument("--convert-cache", default=None, help="where GGUF conversions are cached")
 
     e = sub.add_parser("eval", help="perplexity of one or more models on the same text")
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gate-steps", type=int, default=40)
     b.add_argument("--cure-steps", type=int, default=100)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--resume", action="store_true",
+                   help="keep the rows already finished in OUT.rows.jsonl (same command) and run the rest")
+    _add_run_args(b)
 
     x = sub.add_parser("export", help="export a folded model as a plain base-architecture checkpoint")
     x.add_argument("model_dir")
@@ -115,6 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by compress and bench: where and in what precision the training stages run."""
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast for gate training and fold costs (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--cure-precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast for the cure")
+    p.add_argument("--cure-lora-rank", type=int, default=8,
+                   help="rank of the cure's adapters on every unique Linear (merged afterwards; 0: none)")
+    p.add_argument("--micro-batch", type=int, default=0, help="cure micro-batch (gradient accumulation)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the cure")
+
+
+def _run_kwargs(args) -> tuple[dict, dict]:
+    """(CompressConfig kwargs, CureConfig kwargs) from _add_run_args' options."""
+    return ({"device": args.device, "precision": args.precision},
+            {"precision": args.cure_precision, "lora_rank": args.cure_lora_rank, "micro_batch": args.micro_batch,
+             "grad_checkpointing": args.grad_checkpointing})
+
+
 def _compress(args) -> int:
     from .api import compress
     from .config import CompressConfig, CureConfig, FoldConfig, GateConfig
@@ -122,6 +146,8 @@ def _compress(args) -> int:
     target = args.target_params
     if target is None and args.remove_rate is None and args.plan is None:
         target = 0.75
+    run_kw, cure_kw = _run_kwargs(args)
+    cure_cfg = CureConfig(steps=args.cure_steps, lr=args.cure_lr, tail_layers=args.tail_layers, **cure_kw)
     cfg = CompressConfig(
         method=args.method, target_params=target, remove_rate=args.remove_rate, remove_share=args.remove_share,
         protect_ends=args.protect_ends, seq_len=args.seq_len, calib_seqs=args.calib_seqs, seed=args.seed,
@@ -129,10 +155,10 @@ def _compress(args) -> int:
         gate=GateConfig(unit=args.unit, steps=args.gate_steps, rounds=args.gate_rounds, budget=args.gate_budget),
         fold=FoldConfig(group_size=args.group_size, adapter_rank=args.adapter_rank, adapter_init=args.adapter_init,
                         select=args.fold_select),
-        cure_cfg=CureConfig(steps=args.cure_steps, lr=args.cure_lr, tail_layers=args.tail_layers),
+        cure_cfg=cure_cfg, **run_kw,
     ) if target is not None or args.remove_rate is not None else CompressConfig(
         method=args.method, target_params=None, remove_rate=0.0, seed=args.seed, cure=args.cure,
-        cure_cfg=CureConfig(steps=args.cure_steps, lr=args.cure_lr, tail_layers=args.tail_layers))
+        cure_cfg=cure_cfg, **run_kw)
     res = compress(args.model, args.text, args.out, cfg, plan=args.plan, overwrite=args.overwrite,
                    convert_cache=args.convert_cache)
     print(res.table)
@@ -164,11 +190,14 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import bench
             from .config import CompressConfig, CureConfig, GateConfig
 
+            run_kw, cure_kw = _run_kwargs(args)
             base = CompressConfig(seq_len=args.seq_len, calib_seqs=args.calib_seqs, seed=args.seed,
-                                  gate=GateConfig(steps=args.gate_steps), cure_cfg=CureConfig(steps=args.cure_steps))
+                                  gate=GateConfig(steps=args.gate_steps),
+                                  cure_cfg=CureConfig(steps=args.cure_steps, **cure_kw), **run_kw)
             bench(args.model, [m for m in args.methods.split(",") if m], _floats(args.targets), args.text,
                   args.eval_text, args.out, [t for t in args.tasks.split(",") if t], args.cure, base,
-                  args.eval_seq_len, args.eval_max_tokens, args.task_limit, args.cloze, args.overwrite)
+                  args.eval_seq_len, args.eval_max_tokens, args.task_limit, args.cloze, args.overwrite,
+                  resume=args.resume)
             print((__import__("pathlib").Path(args.out) / "results.md").read_text())
             return 0
         if args.cmd == "export":

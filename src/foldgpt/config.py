@@ -64,10 +64,15 @@ class CureConfig:
     train_child_norms: bool = True  # False (with train_all_norms False): the "no norm re-adaptation" ablation
     micro_batch: int = 0  # >0: split each batch into micro-batches and accumulate gradients
     grad_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
+    lora_rank: int = 8  # rank of the adapters on every unique Linear, merged into the weights after the cure
+    precision: str = "auto"  # autocast for the cure: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
 
     def __post_init__(self):
         _check(self.steps >= 0, "cure steps must be >= 0")
         _check(self.tail_layers >= 0, "tail layers must be >= 0")
+        _check(self.lora_rank >= 0, "cure LoRA rank must be >= 0")
+        _check(self.precision in ("auto", "fp32", "bf16", "fp16"),
+               f"precision must be auto, fp32, bf16 or fp16, got '{self.precision}'")
 
 
 @dataclass
@@ -81,6 +86,7 @@ class CompressConfig:
     calib_seqs: int = 512
     seed: int = 0
     device: str = "cpu"  # "cuda", "cuda:1", "mps"...: where the model runs
+    precision: str = "auto"  # autocast for gate training and fold costs (the cure has its own setting)
     cure: bool | None = None  # None: the method's default (foldgpt cures, peers do not)
     gate: GateConfig = field(default_factory=GateConfig)
     fold: FoldConfig = field(default_factory=FoldConfig)
@@ -97,6 +103,8 @@ class CompressConfig:
         _check(0.0 <= self.remove_share <= 1.0, "remove share must be in [0, 1]")
         _check(self.seq_len >= 8, "--seq-len must be >= 8")
         _check(self.calib_seqs >= 1, "calibration sequences must be >= 1")
+        _check(self.precision in ("auto", "fp32", "bf16", "fp16"),
+               f"precision must be auto, fp32, bf16 or fp16, got '{self.precision}'")
 
     def to_dict(self) -> dict:
         return asdict(self)

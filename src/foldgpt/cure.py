@@ -15,6 +15,8 @@ from .adapters import Adapter
 from .analysis import capture_hidden
 from .config import CureConfig
 from .gates import kl_div
+from .lora import MergeableLoRA, unique_linears
+from .precision import autocast, resolve
 from .structure import SharedLinear
 
 log = logging.getLogger(__name__)
@@ -63,14 +65,16 @@ def lr_at(step: int, cfg: CureConfig) -> float:
 def _distill_loss(student: nn.Module, teacher: nn.Module, adapter: Adapter, ids: torch.Tensor,
                   cfg: CureConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """alpha KL(p_T || p_S) + beta tail MSE (+ gamma CE) on one (micro-)batch."""
-    with torch.no_grad(), capture_hidden(teacher, adapter) as t_hidden:
-        t_logits = teacher(input_ids=ids, use_cache=False).logits
+    with autocast(ids.device, cfg.precision):
+        with torch.no_grad(), capture_hidden(teacher, adapter) as t_hidden:
+            t_logits = teacher(input_ids=ids, use_cache=False).logits
     s_hidden: list[torch.Tensor] = []
     hooks = [layer.register_forward_hook(
         lambda mod, a, k, out: s_hidden.append(out[0] if isinstance(out, tuple) else out), with_kwargs=True)
         for layer in adapter.layers(student)]
     try:
-        s_logits = student(input_ids=ids, use_cache=False).logits
+        with autocast(ids.device, cfg.precision):
+            s_logits = student(input_ids=ids, use_cache=False).logits
     finally:
         for h in hooks:
             h.remove()
@@ -108,11 +112,25 @@ def cure(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torc
          seed: int = 0) -> dict:
     """Distil `teacher` into the trainable small parameters of `student`. Returns a summary."""
     params = trainable_parameters(student, adapter, cfg.train_all_norms, cfg.train_child_norms)
+    lora = None
+    if cfg.lora_rank > 0 and cfg.steps > 0:
+        lora = MergeableLoRA(unique_linears(student, adapter), cfg.lora_rank, seed=seed + 2)
+        params = params + lora.parameters()
     n_train = sum(p.numel() for p in params)
-    log.info("cure: %d trainable parameters, %d steps of %d x %d tokens", n_train, cfg.steps,
-             cfg.batch_size, batches.shape[1])
+    log.info("cure: %d trainable parameters (%s), %d steps of %d x %d tokens, %s", n_train,
+             f"norms, deltas and rank-{cfg.lora_rank} adapters merged afterwards" if lora else "norms and deltas",
+             cfg.steps, cfg.batch_size, batches.shape[1], resolve(cfg.precision, student.device))
     if cfg.steps == 0 or not params:
         return {"trainable_params": n_train, "steps": 0, "history": []}
+    try:
+        return _cure_loop(student, teacher, adapter, batches, cfg, seed, params, n_train)
+    finally:
+        if lora is not None:
+            lora.merge_()
+
+
+def _cure_loop(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torch.Tensor, cfg: CureConfig,
+               seed: int, params: list[nn.Parameter], n_train: int) -> dict:
     for p in teacher.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

@@ -9,6 +9,7 @@ import torch
 from ..fold import fold_costs, select_groups
 from ..gates import train_gates
 from ..plan import Plan
+from ..precision import autocast
 from ..structure import apply_plan_
 from ..weights import clone_sharing_weights
 from . import Context, Method, register
@@ -53,9 +54,10 @@ def choose_groups(ctx: Context, removed: list[str]) -> list[list[int]]:
 
 
 def run(ctx: Context) -> Plan:
-    removed, gates = gated_removal(ctx)
-    log.info("removing %s", removed)
-    groups = choose_groups(ctx, removed)
+    with autocast(ctx.model.device, ctx.cfg.precision):
+        removed, gates = gated_removal(ctx)
+        log.info("removing %s", removed)
+        groups = choose_groups(ctx, removed)
     log.info("folding groups %s", groups)
     return ctx.new_plan(removed, groups, method="foldgpt", gates=gates)
 

@@ -1,0 +1,28 @@
+"""Mixed precision for the training stages (gates, fold costs, cure); evaluation always runs as loaded."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve(precision: str, device: str | torch.device) -> str:
+    """'auto': bf16 on a GPU that supports it, else fp32 (CPU bf16 is fast only with AVX512-BF16/AMX)."""
+    if precision != "auto":
+        return precision
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: str | torch.device, precision: str):
+    """A torch.autocast context for `precision` on `device` (a no-op for fp32)."""
+    p = resolve(precision, device)
+    if p == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if p == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
