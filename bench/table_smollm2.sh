@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 4's table: every method at 75% and 60% unique parameters on SmolLM2-135M, each peer with and
 # without the same cure, calibrated on five Austen novels, evaluated on Pride and Prejudice (held out)
-# and the BIG-bench tasks (first 200 examples of each). Needs ../shared/data.
+# and the BIG-bench tasks (first 50 examples of each). Needs ../shared/data.
 #   bash bench/table_smollm2.sh             (peers + foldgpt; ~2.5 h on 2 CPU cores)
 #   ABLATIONS=1 TARGETS=0.75 bash bench/table_smollm2.sh   (foldgpt's ablation rows)
 # A stopped run continues where it stopped when started again (--resume).
@@ -23,5 +23,5 @@ fi
 export HF_HUB_OFFLINE=1
 FG=${FOLDGPT:-.venv/bin/foldgpt}
 $FG bench "$MODEL" --methods "$METHODS" --targets "$TARGETS" --cure --text $TEXT \
-  --eval-text "$A/austen_prideprejudice.txt" --eval-max-tokens 32768 --tasks "$TASKS" --task-limit 200 \
+  --eval-text "$A/austen_prideprejudice.txt" --eval-max-tokens 16384 --tasks "$TASKS" --task-limit 50 \
   --cure-precision bf16 --out "$OUT" --overwrite --resume

@@ -71,3 +71,20 @@ def test_polarization_prefers_polarized_gates():
     uniform = torch.full((4,), 0.5)
     polar = torch.tensor([1.0, 1.0, 0.0, 0.0])
     assert polarization(polar, 1.0) < polarization(uniform, 1.0)
+
+
+@pytest.mark.parametrize("budget", ["project", "penalty"])
+def test_gate_micro_batching_and_checkpointing_match_full_batch(tiny_dirs, text_file, budget):
+    model, tok = load_model(str(tiny_dirs["llama"]))
+    adapter = get_adapter(model.config)
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    calib = _calib(tok, text_file)
+    results = []
+    for micro, ckpt in ((0, False), (1, True)):
+        cfg = GateConfig(steps=6, rounds=2, batch_size=4, budget=budget, micro_batch=micro, grad_checkpointing=ckpt)
+        results.append(train_gates(model, adapter, calib, 2 * block, cfg, seed=0))
+    assert results[0].removed == results[1].removed
+    torch.testing.assert_close(torch.tensor(results[1].gates), torch.tensor(results[0].gates), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(torch.tensor([h["kl"] for h in results[1].history]),
+                               torch.tensor([h["kl"] for h in results[0].history]), rtol=1e-3, atol=1e-6)
+    assert not model.training

@@ -128,15 +128,17 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="autocast for the cure")
     p.add_argument("--cure-lora-rank", type=int, default=8,
                    help="rank of the cure's adapters on every unique Linear (merged afterwards; 0: none)")
-    p.add_argument("--micro-batch", type=int, default=0, help="cure micro-batch (gradient accumulation)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the cure")
+    p.add_argument("--micro-batch", type=int, default=0,
+                   help="gate training and cure micro-batch (gradient accumulation; less memory)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in gate training and the cure (less memory)")
 
 
-def _run_kwargs(args) -> tuple[dict, dict]:
-    """(CompressConfig kwargs, CureConfig kwargs) from _add_run_args' options."""
-    return ({"device": args.device, "precision": args.precision},
-            {"precision": args.cure_precision, "lora_rank": args.cure_lora_rank, "micro_batch": args.micro_batch,
-             "grad_checkpointing": args.grad_checkpointing})
+def _run_kwargs(args) -> tuple[dict, dict, dict]:
+    """(CompressConfig, GateConfig, CureConfig) keyword arguments from _add_run_args' options."""
+    memory = {"micro_batch": args.micro_batch, "grad_checkpointing": args.grad_checkpointing}
+    return ({"device": args.device, "precision": args.precision}, memory,
+            {"precision": args.cure_precision, "lora_rank": args.cure_lora_rank, **memory})
 
 
 def _compress(args) -> int:
@@ -146,13 +148,14 @@ def _compress(args) -> int:
     target = args.target_params
     if target is None and args.remove_rate is None and args.plan is None:
         target = 0.75
-    run_kw, cure_kw = _run_kwargs(args)
+    run_kw, gate_kw, cure_kw = _run_kwargs(args)
     cure_cfg = CureConfig(steps=args.cure_steps, lr=args.cure_lr, tail_layers=args.tail_layers, **cure_kw)
     cfg = CompressConfig(
         method=args.method, target_params=target, remove_rate=args.remove_rate, remove_share=args.remove_share,
         protect_ends=args.protect_ends, seq_len=args.seq_len, calib_seqs=args.calib_seqs, seed=args.seed,
         cure=args.cure,
-        gate=GateConfig(unit=args.unit, steps=args.gate_steps, rounds=args.gate_rounds, budget=args.gate_budget),
+        gate=GateConfig(unit=args.unit, steps=args.gate_steps, rounds=args.gate_rounds, budget=args.gate_budget,
+                        **gate_kw),
         fold=FoldConfig(group_size=args.group_size, adapter_rank=args.adapter_rank, adapter_init=args.adapter_init,
                         select=args.fold_select),
         cure_cfg=cure_cfg, **run_kw,
@@ -190,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import bench
             from .config import CompressConfig, CureConfig, GateConfig
 
-            run_kw, cure_kw = _run_kwargs(args)
+            run_kw, gate_kw, cure_kw = _run_kwargs(args)
             base = CompressConfig(seq_len=args.seq_len, calib_seqs=args.calib_seqs, seed=args.seed,
-                                  gate=GateConfig(steps=args.gate_steps),
+                                  gate=GateConfig(steps=args.gate_steps, **gate_kw),
                                   cure_cfg=CureConfig(steps=args.cure_steps, **cure_kw), **run_kw)
             bench(args.model, [m for m in args.methods.split(",") if m], _floats(args.targets), args.text,
                   args.eval_text, args.out, [t for t in args.tasks.split(",") if t], args.cure, base,

@@ -25,6 +25,8 @@ class GateConfig:
     pol_t: float = 1.0
     lambda_budget: float = 20.0
     anneal: float = 0.6  # fraction of steps over which the budget tightens from 1 to its target
+    micro_batch: int = 0  # >0: split each batch into micro-batches and accumulate the gate gradient
+    grad_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
 
     def __post_init__(self):
         _check(self.unit in ("layer", "sublayer"), f"gate unit must be 'layer' or 'sublayer', got '{self.unit}'")

@@ -136,6 +136,23 @@ class GateResult:
     history: list[dict]
 
 
+def _accumulate_kl(model: nn.Module, gates: GateSet, ids: torch.Tensor, micro: int, gate_values, n_units: int) -> float:
+    """KL(ungated || gated) over `ids` in micro-batches; each one's share of the gradient is accumulated
+    (backward) into the gate leaf. Returns the batch KL."""
+    total = 0.0
+    for start in range(0, len(ids), micro):
+        chunk = ids[start : start + micro]
+        with torch.no_grad(), gates.set(torch.ones(n_units)):  # teacher: the ungated dense model
+            t_logits = model(input_ids=chunk, use_cache=False).logits
+        with gates.set(gate_values()):
+            s_logits = model(input_ids=chunk, use_cache=False).logits
+        kl = kl_div(t_logits, s_logits) * (len(chunk) / len(ids))
+        del t_logits, s_logits
+        kl.backward()
+        total += kl.item()
+    return total
+
+
 def train_gates(model: nn.Module, adapter: Adapter, batches: torch.Tensor, to_remove: float,
                 cfg: GateConfig, seed: int = 0, protected: set[int] | None = None) -> GateResult:
     """Learn gates on every unit's residual branch (weights frozen) and remove the lowest-gated units
@@ -171,6 +188,11 @@ def train_gates(model: nn.Module, adapter: Adapter, batches: torch.Tensor, to_re
     saved = 0.0
     rounds = max(1, cfg.rounds)
     steps_per_round = max(1, cfg.steps // rounds)
+    micro = cfg.micro_batch or cfg.batch_size
+    checkpointing = cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable")
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train(True)  # Hugging Face models checkpoint only in training mode (weights are frozen)
     try:
         bar = tqdm(total=steps_per_round * rounds, desc="Gate training", leave=False)
         for r in range(rounds):
@@ -185,35 +207,36 @@ def train_gates(model: nn.Module, adapter: Adapter, batches: torch.Tensor, to_re
             c_alive = costs * alive
             for step in range(steps_per_round):
                 ids = batches[torch.randint(0, len(batches), (cfg.batch_size,), generator=g)].to(model.device)
-                with torch.no_grad(), gates.set(torch.ones(n_units)):  # teacher: the ungated dense model
-                    t_logits = model(input_ids=ids, use_cache=False).logits
                 ramp = min(1.0, (step + 1) / max(1, int(cfg.anneal * steps_per_round)))
                 keep = 1.0 - frac_off * ramp
-                gv = (param.clamp(0.0, 1.0) * alive) if opt is not None else theta.clone().requires_grad_(True)
-                with gates.set(gv):
-                    s_logits = model(input_ids=ids, use_cache=False).logits
-                kl = kl_div(t_logits, s_logits)
+                if opt is not None:
+                    opt.zero_grad()
+                    gv_leaf = None
+                    gate_values = lambda p=param, a=alive: p.clamp(0.0, 1.0) * a  # noqa: E731  (a fresh graph per use)
+                else:
+                    gv_leaf = theta.clone().requires_grad_(True)
+                    gate_values = lambda v=gv_leaf: v  # noqa: E731
+                kl = _accumulate_kl(model, gates, ids, micro, gate_values, n_units)  # grads into param/gv_leaf
+                gv = gate_values()
                 pol = polarization(gv[alive], cfg.pol_t)
                 bud = budget_penalty(gv[alive], costs[alive], keep)
                 if opt is not None:
-                    loss = kl + cfg.lambda_pol * ramp * pol + cfg.lambda_budget * bud
-                    opt.zero_grad()
-                    loss.backward()
+                    (cfg.lambda_pol * ramp * pol + cfg.lambda_budget * bud).backward()
                     opt.step()
                     with torch.no_grad():
                         param.clamp_(-0.05, 1.05)
                 else:
-                    g_kl = torch.autograd.grad(kl, gv, retain_graph=True)[0] * alive
+                    g_kl = gv_leaf.grad * alive
                     g_pol = torch.autograd.grad(pol, gv)[0] * alive
                     direction = _unit_max(g_kl) + cfg.lambda_pol * ramp * _unit_max(g_pol)
                     velocity = cfg.momentum * velocity + direction
                     stepped = (theta - cfg.lr * velocity)
                     theta = torch.zeros(n_units)
                     theta[alive] = project_budget(stepped[alive], c_alive[alive], keep)
-                history.append({"round": r, "step": step, "kl": kl.item(), "pol": pol.item(),
+                history.append({"round": r, "step": step, "kl": kl, "pol": pol.item(),
                                 "budget": bud.item(), "keep_target": keep})
                 bar.update(1)
-                bar.set_postfix(round=r + 1, kl=f"{kl.item():.3f}")
+                bar.set_postfix(round=r + 1, kl=f"{kl:.3f}")
             values = (param.detach().clamp(0.0, 1.0) * alive) if opt is not None else theta
             order = [i for i in sorted(range(n_units), key=lambda i: values[i].item())
                      if alive[i] and int(names[i].split(".")[0]) not in protected]
@@ -233,5 +256,8 @@ def train_gates(model: nn.Module, adapter: Adapter, batches: torch.Tensor, to_re
         bar.close()
     finally:
         gates.remove()
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+            model.train(False)
     log.info("gates: %s", " ".join(f"{n}:{v:.2f}" for n, v in zip(names, final.tolist())))
     return GateResult(names, final.tolist(), removed, history)
