@@ -92,3 +92,29 @@ def test_cure_with_adapters_keeps_unique_parameter_count(tiny_dirs, text_file):
     assert info["steps"] == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in info["history"])
     assert unique_params(student) == n
     assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_teacher_cache_with_full_vocabulary_matches_the_live_teacher(tiny_dirs, text_file, tmp_path):
+    curves = []
+    for cached in (False, True):
+        dense, student, adapter, calib = _setup(tiny_dirs, text_file)
+        k = dense.config.vocab_size
+        cfg = CureConfig(steps=3, batch_size=4, warmup=1, teacher_cache=cached, teacher_topk=k,
+                         teacher_cache_dir=str(tmp_path / "cache") if cached else None)
+        info = cure(student, dense, adapter, calib, cfg)
+        curves.append(torch.tensor([[h["kl"], h["tail"]] for h in info["history"]]))
+    torch.testing.assert_close(curves[1], curves[0], rtol=1e-4, atol=1e-6)
+    files = list((tmp_path / "cache").glob("*.safetensors"))
+    assert len(files) == 12  # 3 steps x 4 windows, one file each
+
+
+def test_teacher_cache_top_k_still_lowers_kl_and_cleans_up(tiny_dirs, text_file):
+    import tempfile
+    from pathlib import Path
+
+    before = set(Path(tempfile.gettempdir()).glob("foldgpt-teacher-*"))
+    dense, student, adapter, calib = _setup(tiny_dirs, text_file)
+    info = cure(student, dense, adapter, calib, CureConfig(steps=12, batch_size=4, warmup=2, lr=1e-2,
+                                                           teacher_cache=True, teacher_topk=8))
+    assert info["kl_last"] < info["kl_first"]
+    assert set(Path(tempfile.gettempdir()).glob("foldgpt-teacher-*")) == before

@@ -128,6 +128,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="autocast for the cure")
     p.add_argument("--cure-lora-rank", type=int, default=8,
                    help="rank of the cure's adapters on every unique Linear (merged afterwards; 0: none)")
+    p.add_argument("--teacher-cache", action="store_true",
+                   help="compute the teacher's top-k log-probs and tail outputs once, on disk, before the cure")
+    p.add_argument("--teacher-topk", type=int, default=64, help="k of the cached teacher distribution")
     p.add_argument("--micro-batch", type=int, default=0,
                    help="gate training and cure micro-batch (gradient accumulation; less memory)")
     p.add_argument("--grad-checkpointing", action="store_true",
@@ -138,7 +141,8 @@ def _run_kwargs(args) -> tuple[dict, dict, dict]:
     """(CompressConfig, GateConfig, CureConfig) keyword arguments from _add_run_args' options."""
     memory = {"micro_batch": args.micro_batch, "grad_checkpointing": args.grad_checkpointing}
     return ({"device": args.device, "precision": args.precision}, memory,
-            {"precision": args.cure_precision, "lora_rank": args.cure_lora_rank, **memory})
+            {"precision": args.cure_precision, "lora_rank": args.cure_lora_rank, "teacher_cache": args.teacher_cache,
+             "teacher_topk": args.teacher_topk, **memory})
 
 
 def _compress(args) -> int:

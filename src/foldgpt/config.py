@@ -68,11 +68,15 @@ class CureConfig:
     grad_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
     lora_rank: int = 8  # rank of the adapters on every unique Linear, merged into the weights after the cure
     precision: str = "auto"  # autocast for the cure: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
+    teacher_cache: bool = False  # compute the teacher's top-k log-probs and tail outputs once, on disk
+    teacher_topk: int = 64  # k of the cached teacher distribution
+    teacher_cache_dir: str | None = None  # None: a temporary folder, deleted after the cure
 
     def __post_init__(self):
         _check(self.steps >= 0, "cure steps must be >= 0")
         _check(self.tail_layers >= 0, "tail layers must be >= 0")
         _check(self.lora_rank >= 0, "cure LoRA rank must be >= 0")
+        _check(self.teacher_topk >= 1, "--teacher-topk must be >= 1")
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"),
                f"precision must be auto, fp32, bf16 or fp16, got '{self.precision}'")
 

@@ -18,6 +18,7 @@ from .gates import kl_div
 from .lora import MergeableLoRA, unique_linears
 from .precision import autocast, resolve
 from .structure import SharedLinear
+from .teacher_cache import TeacherCache, topk_kl
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,17 @@ def lr_at(step: int, cfg: CureConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _distill_loss(student: nn.Module, teacher: nn.Module, adapter: Adapter, ids: torch.Tensor,
-                  cfg: CureConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """alpha KL(p_T || p_S) + beta tail MSE (+ gamma CE) on one (micro-)batch."""
-    with autocast(ids.device, cfg.precision):
-        with torch.no_grad(), capture_hidden(teacher, adapter) as t_hidden:
-            t_logits = teacher(input_ids=ids, use_cache=False).logits
+def _distill_loss(student: nn.Module, teacher: nn.Module | None, adapter: Adapter, ids: torch.Tensor,
+                  cfg: CureConfig, cached: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """alpha KL(p_T || p_S) + beta tail MSE (+ gamma CE) on one (micro-)batch. The teacher's signals come
+    from running `teacher`, or from `cached` = TeacherCache.get(...) (top-k log-probs, ids, tail outputs)."""
+    if cached is None:
+        with autocast(ids.device, cfg.precision):
+            with torch.no_grad(), capture_hidden(teacher, adapter) as t_hidden:
+                t_logits = teacher(input_ids=ids, use_cache=False).logits
+        t_tail = t_hidden[1:]
+    else:
+        t_logp, t_tokens, t_tail = cached
     s_hidden: list[torch.Tensor] = []
     hooks = [layer.register_forward_hook(
         lambda mod, a, k, out: s_hidden.append(out[0] if isinstance(out, tuple) else out), with_kwargs=True)
@@ -78,8 +84,8 @@ def _distill_loss(student: nn.Module, teacher: nn.Module, adapter: Adapter, ids:
     finally:
         for h in hooks:
             h.remove()
-    kl = kl_div(t_logits, s_logits, cfg.tau)
-    tail = tail_mse(s_hidden, t_hidden[1:], min(cfg.tail_layers, len(s_hidden)))
+    kl = kl_div(t_logits, s_logits, cfg.tau) if cached is None else topk_kl(t_logp, t_tokens, s_logits, cfg.tau)
+    tail = tail_mse(s_hidden, t_tail, min(cfg.tail_layers, len(s_hidden), len(t_tail)))
     loss = cfg.alpha_kl * kl + cfg.beta_tail * tail
     if cfg.gamma_ce > 0:
         ce = F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
@@ -129,6 +135,12 @@ def cure(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torc
             lora.merge_()
 
 
+def _schedule(step: int, cfg: CureConfig, order: torch.Tensor, n: int, rank: int, world: int) -> list[int]:
+    """The window indices this rank trains on at `step` (each rank takes its share of the global batch)."""
+    take = [(step * cfg.batch_size + j) % n for j in range(cfg.batch_size)]
+    return order[take].tolist()[rank::world]
+
+
 def _cure_loop(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torch.Tensor, cfg: CureConfig,
                seed: int, params: list[nn.Parameter], n_train: int) -> dict:
     for p in teacher.parameters():
@@ -136,7 +148,6 @@ def _cure_loop(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 1)
     order = torch.randperm(len(batches), generator=g)
-    history = []
     student.train(False)  # no dropout: distillation is deterministic
     if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -145,30 +156,41 @@ def _cure_loop(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches
     rank, world = _dist_info()
     if world > 1:
         log.info("cure: data parallel over %d processes (rank %d)", world, rank)
-    bar = tqdm(range(cfg.steps), desc="Cure", leave=False, disable=rank != 0)
-    for step in bar:
-        take = [(step * cfg.batch_size + j) % len(batches) for j in range(cfg.batch_size)]
-        batch = batches[order[take]].to(student.device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        opt.zero_grad()
-        totals = {"loss": 0.0, "kl": 0.0, "tail": 0.0}
-        shard = batch[rank::world]  # data parallel: each rank takes its share of the global batch
-        for start in range(0, len(shard), micro):
-            ids = shard[start : start + micro]
-            weight = len(ids) / len(batch)
-            loss, kl, tail = _distill_loss(student, teacher, adapter, ids, cfg)
-            (loss * weight).backward()
-            for k, v in (("loss", loss), ("kl", kl), ("tail", tail)):
-                totals[k] += v.item() * weight
-        if world > 1:
-            _all_reduce_(params, totals)
-        opt.step()
-        history.append({"step": step, **totals})
-        bar.set_postfix(kl=f"{totals['kl']:.3f}", tail=f"{totals['tail']:.3f}")
-    if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_disable"):
-        student.gradient_checkpointing_disable()
-    student.train(False)
+    cache = None
+    try:
+        if cfg.teacher_cache:
+            cache = TeacherCache(cfg.teacher_cache_dir)
+            needed = [i for s in range(cfg.steps) for i in _schedule(s, cfg, order, len(batches), rank, world)]
+            cache.fill(teacher, adapter, batches, needed, cfg.teacher_topk, cfg.tail_layers, cfg.tau,
+                       cfg.precision, micro)
+        history = []
+        bar = tqdm(range(cfg.steps), desc="Cure", leave=False, disable=rank != 0)
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            opt.zero_grad()
+            totals = {"loss": 0.0, "kl": 0.0, "tail": 0.0}
+            mine = _schedule(step, cfg, order, len(batches), rank, world)
+            for start in range(0, len(mine), micro):
+                chunk = mine[start : start + micro]
+                ids = batches[chunk].to(student.device)
+                weight = len(ids) / cfg.batch_size
+                cached = cache.get(chunk, student.device) if cache is not None else None
+                loss, kl, tail = _distill_loss(student, teacher, adapter, ids, cfg, cached)
+                (loss * weight).backward()
+                for k, v in (("loss", loss), ("kl", kl), ("tail", tail)):
+                    totals[k] += v.item() * weight
+            if world > 1:
+                _all_reduce_(params, totals)
+            opt.step()
+            history.append({"step": step, **totals})
+            bar.set_postfix(kl=f"{totals['kl']:.3f}", tail=f"{totals['tail']:.3f}")
+    finally:
+        if cache is not None:
+            cache.close()
+        if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_disable"):
+            student.gradient_checkpointing_disable()
+        student.train(False)
     for p in params:
         p.requires_grad_(False)
     first = sum(h["kl"] for h in history[:5]) / min(5, len(history))
