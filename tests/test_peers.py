@@ -202,3 +202,23 @@ def test_laco_plan_round_trip(tiny_dirs, text_file, tmp_path):
         assert torch.equal(ref, again.model(input_ids=ids).logits)
         assert torch.equal(ref, loaded(input_ids=ids).logits)
     assert unique_params(loaded) == first.summary["unique_params"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("method", ["sleb", "blockpruner"])
+def test_streamed_greedy_scores_equal_in_memory(tiny_dirs, text_file, kind, method):
+    """--streaming (layer by layer, cached prefix inputs) gives the same removal order and NLLs."""
+    results = []
+    for streaming in (False, True):
+        ctx = make_ctx(tiny_dirs[kind], text_file, method, streaming=streaming)
+        plan = get_method(method).run(ctx)
+        results.append((plan.removed, plan.scores, ctx.info[method]["nll"]))
+    assert results[1][0] == results[0][0] and results[1][1] == results[0][1]
+    torch.testing.assert_close(torch.tensor(results[1][2]), torch.tensor(results[0][2]), rtol=1e-4, atol=1e-5)
+
+
+def test_streaming_refuses_methods_that_train_through_the_model(tiny_dirs, text_file, tmp_path):
+    with pytest.raises(foldgpt.FoldGPTError, match="--streaming runs"):
+        foldgpt.compress(str(tiny_dirs["llama"]), [str(text_file)], tmp_path / "out",
+                         fast_config(method="foldgpt", streaming=True))
+    assert not (tmp_path / "out").exists()

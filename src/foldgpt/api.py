@@ -174,15 +174,25 @@ def prepare(model: str, text: list[str] | str | None, cfg: CompressConfig,
     timer = Timer()
     with timer.stage("Loading", 1, 6):
         dense, tok = load_model(model, convert_cache)
-        dense.to(cfg.device)
+        if not cfg.streaming:  # streaming keeps the model on the CPU and moves one block at a time
+            dense.to(cfg.device)
         adapter = get_adapter(dense.config)
         bos = needs_bos(tok, adapter.needs_bos)
         ids = tokenize(tok, corpus.text)
         calib = calibration_batches(ids, cfg.calib_seqs, cfg.seq_len, cfg.seed, tok.bos_token_id if bos else None)
         log.info("calibration: %d tokens of text, %d windows of %d", ids.numel(), len(calib), cfg.seq_len)
     with timer.stage("Analyzing", 2, 6):
-        sim = similarity(dense, adapter, calib[: min(32, len(calib))], skip_first=bos)
+        if cfg.streaming:
+            from .streaming import streamed_similarity
+
+            sim = streamed_similarity(dense, adapter, calib[: min(32, len(calib))], bos, cfg.device)
+        else:
+            sim = similarity(dense, adapter, calib[: min(32, len(calib))], skip_first=bos)
     return Session(model, dense, tok, adapter, bos, calib, sim, analysis_dict(sim), corpus, timer.seconds)
+
+
+# methods whose scores need no gradients and no whole-model forward on the device
+STREAMING_METHODS = ("shortgpt", "angular", "sleb", "blockpruner", "random")
 
 
 @dataclass
@@ -197,6 +207,10 @@ class MethodRun:
 def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> MethodRun:
     """Plan (or re-apply `plan`), build the compressed model, cure it if asked, and measure it."""
     method = get_method(cfg.method)
+    if cfg.streaming and (cfg.method not in STREAMING_METHODS or cfg.cure):
+        raise FoldGPTError(f"--streaming runs {', '.join(STREAMING_METHODS)} without a cure (one block on the "
+                           f"device at a time); '{cfg.method}'{' with a cure' if cfg.cure else ''} trains through "
+                           "the whole model: drop --streaming and use --micro-batch / --grad-checkpointing")
     timer = Timer()
     timer.seconds.update(s.seconds)
     torch.manual_seed(cfg.seed)

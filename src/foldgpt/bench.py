@@ -102,6 +102,11 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
         variant_config(m, base, targets[0], None)  # fail early on unknown names
     if Path(out).exists() and not overwrite:
         raise FoldGPTError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    if tasks:
+        from .tasks import load_task
+
+        for spec in tasks:  # fail before hours of compute, not after
+            load_task(spec, limit=task_limit)
     command = {"model": model, "text": text, "eval_text": eval_text, "tasks": tasks, "task_limit": task_limit,
                "cloze": cloze, "eval_seq_len": eval_seq_len, "eval_max_tokens": eval_max_tokens,
                "base": base.to_dict()}

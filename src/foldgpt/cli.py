@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """Options shared by compress and bench: where and in what precision the training stages run."""
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--streaming", action="store_true",
+                   help="analysis and SLEB/BlockPruner scores layer by layer on --device, model kept on the CPU")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="autocast for gate training and fold costs (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--cure-precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
@@ -140,7 +142,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def _run_kwargs(args) -> tuple[dict, dict, dict]:
     """(CompressConfig, GateConfig, CureConfig) keyword arguments from _add_run_args' options."""
     memory = {"micro_batch": args.micro_batch, "grad_checkpointing": args.grad_checkpointing}
-    return ({"device": args.device, "precision": args.precision}, memory,
+    return ({"device": args.device, "precision": args.precision, "streaming": args.streaming}, memory,
             {"precision": args.cure_precision, "lora_rank": args.cure_lora_rank, "teacher_cache": args.teacher_cache,
              "teacher_topk": args.teacher_topk, **memory})
 

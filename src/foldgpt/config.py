@@ -93,6 +93,7 @@ class CompressConfig:
     seed: int = 0
     device: str = "cpu"  # "cuda", "cuda:1", "mps"...: where the model runs
     precision: str = "auto"  # autocast for gate training and fold costs (the cure has its own setting)
+    streaming: bool = False  # analysis and greedy scores layer by layer on `device`, the model kept on the CPU
     cure: bool | None = None  # None: the method's default (foldgpt cures, peers do not)
     gate: GateConfig = field(default_factory=GateConfig)
     fold: FoldConfig = field(default_factory=FoldConfig)

@@ -94,3 +94,59 @@ def streamed_similarity(model: nn.Module, adapter: Adapter, batches: torch.Tenso
         total = s if total is None else total + s
         count += n
     return total / count
+
+
+def _final_logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The model's head on the last layer's output: final norm, output embedding, logit soft-capping."""
+    logits = model.get_output_embeddings()(model.model.norm(h))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class StreamedNLL:
+    """Calibration NLL of the model under trial gates, computed layer by layer on `device` while the
+    model stays on `offload` (SLEB / BlockPruner when the model does not fit on the device).
+
+    A trial that differs from the current state only at layer l leaves the inputs of layers 0..l
+    unchanged, so `refresh` caches every layer's input under the current gates once per greedy step and
+    `nll` runs only layers l.. for a trial: about half the layer runs of a whole forward per trial."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, ids: torch.Tensor, device: str | torch.device):
+        self.model, self.adapter, self.device = model, adapter, torch.device(device)
+        self.offload = next(model.parameters()).device
+        self.ids = ids.to(self.offload)
+        self.h0, self.calls = layer_inputs(model, adapter, self.ids)
+        self.inputs: list[torch.Tensor] = []
+        for m in (model.model.norm, model.get_output_embeddings()):
+            m.to(self.device)
+
+    def close(self) -> None:
+        for m in (self.model.model.norm, self.model.get_output_embeddings()):
+            m.to(self.offload)
+
+    def _run(self, start: int, h: torch.Tensor, keep: list | None = None) -> torch.Tensor:
+        h = h.to(self.device)
+        for i in range(start, len(self.calls)):
+            if keep is not None:
+                keep.append(h.to(self.offload))
+            layer = self.adapter.layers(self.model)[i]
+            args, kwargs = self.calls[i]
+            layer.to(self.device)
+            out = layer(h, *[_to(a, self.device) for a in args], **{k: _to(v, self.device) for k, v in kwargs.items()})
+            h = out[0] if isinstance(out, tuple) else out
+            layer.to(self.offload)
+        return h
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Cache every layer's input under the gates currently set on the model."""
+        self.inputs = []
+        self._run(0, self.h0, self.inputs)
+
+    @torch.no_grad()
+    def nll(self, first_changed_layer: int) -> float:
+        """Mean next-token NLL with the gates currently set, reusing the cached inputs up to that layer."""
+        h = self._run(first_changed_layer, self.inputs[first_changed_layer])
+        logits = _final_logits(self.model, h)[:, :-1].float()
+        target = self.ids[:, 1:].to(self.device)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten()).item()

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..adapters import Adapter
-from ..errors import FoldGPTError
-from ..gates import GateSet, unit_names
+from ..gates import unit_names
 from ..plan import Plan
 from . import Context, Method, register
-from .peers import _nll
+from .greedy import greedy_removal
 
 log = logging.getLogger(__name__)
 
@@ -51,44 +48,13 @@ def units_to_plan(removed: list[str]) -> list[str]:
     return out
 
 
-@torch.no_grad()
 def run(ctx: Context) -> Plan:
-    ids = ctx.calib[: ctx.cfg.fold.cost_batch * 4]  # a few calibration windows, as SLEB
     names = unit_names(ctx.num_layers, "sublayer")
     costs = sublayer_params(ctx.model, ctx.adapter)
     b = ctx.budget
     need = (b.base_params - b.target_params) if b.target_params is not None else b.n_remove * b.block_params
-    prot = ctx.protected()
-    gates = GateSet(ctx.model, ctx.adapter, "sublayer")
-    alive = torch.ones(len(names))
-    removed: list[int] = []
-    nlls: list[float] = []
-    saved = 0
-    try:
-        bar = tqdm(total=need, desc="BlockPruner", leave=False)
-        while saved < need:
-            best = None
-            for i, name in enumerate(names):
-                if alive[i] == 0 or int(name.split(".")[0]) in prot:
-                    continue
-                trial = alive.clone()
-                trial[i] = 0
-                with gates.set(trial):
-                    nll = _nll(ctx.model, ids)
-                if best is None or nll < best[0]:
-                    best = (nll, i)
-            if best is None:
-                raise FoldGPTError("BlockPruner: every removable sub-block is gone before the target; "
-                                   "raise --target-params")
-            alive[best[1]] = 0
-            removed.append(best[1])
-            nlls.append(best[0])
-            saved += costs[best[1]]
-            bar.update(costs[best[1]])
-            log.info("BlockPruner: removed %s (calibration NLL %.4f)", names[best[1]], best[0])
-        bar.close()
-    finally:
-        gates.remove()
+    removed, nlls = greedy_removal(ctx, "sublayer", costs, need, "BlockPruner")
+    saved = sum(costs[i] for i in removed)
     ctx.info["blockpruner"] = {"order": [names[i] for i in removed], "nll": nlls, "saved_params": saved,
                                "needed_params": need}
     plan = ctx.new_plan(units_to_plan([names[i] for i in removed]), [], method="blockpruner",

@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from tqdm.auto import tqdm
 
 from ..analysis import angular_distance
-from ..gates import GateSet
 from ..plan import Plan
 from . import Context, Method, lowest, register
+from .greedy import greedy_removal
 
 log = logging.getLogger(__name__)
 
@@ -39,43 +38,13 @@ def run_angular(ctx: Context) -> Plan:
                         scores={str(s): v for v, s in spans})
 
 
-@torch.no_grad()
 def run_sleb(ctx: Context) -> Plan:
     """SLEB (Song et al. 2024): iteratively remove the layer whose removal (with the earlier ones gone)
     gives the lowest calibration NLL."""
-    ids = ctx.calib[: ctx.cfg.fold.cost_batch * 4]
-    gates = GateSet(ctx.model, ctx.adapter, "layer")
-    alive = torch.ones(ctx.num_layers)
-    removed: list[int] = []
-    try:
-        for _ in tqdm(range(ctx.budget.n_remove), desc="SLEB", leave=False):
-            best = None
-            for i in range(ctx.num_layers):
-                if alive[i] == 0 or i in ctx.protected():
-                    continue
-                trial = alive.clone()
-                trial[i] = 0
-                with gates.set(trial):
-                    nll = _nll(ctx.model, ids)
-                if best is None or nll < best[0]:
-                    best = (nll, i)
-            alive[best[1]] = 0
-            removed.append(best[1])
-            log.info("SLEB: removed layer %d (calibration NLL %.4f)", best[1], best[0])
-    finally:
-        gates.remove()
+    removed, nlls = greedy_removal(ctx, "layer", [1.0] * ctx.num_layers, ctx.budget.n_remove, "SLEB")
+    ctx.info["sleb"] = {"order": removed, "nll": nlls}
     return ctx.new_plan([str(i) for i in sorted(removed)], [], method="sleb",
                         scores={str(i): k for k, i in enumerate(removed)})
-
-
-def _nll(model, ids: torch.Tensor, batch_size: int = 4) -> float:
-    total, n = 0.0, 0
-    for s in range(0, len(ids), batch_size):
-        b = ids[s : s + batch_size].to(model.device)
-        logits = model(input_ids=b, use_cache=False).logits[:, :-1].float()
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
-        n += b[:, 1:].numel()
-    return total / n
 
 
 register(Method("random", run_random, cures_by_default=False, folds=False,

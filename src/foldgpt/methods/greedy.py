@@ -1,0 +1,84 @@
+"""The iterative greedy search SLEB and BlockPruner share: at each step, remove the unit whose removal
+(with the earlier removals in place) gives the lowest calibration NLL, until enough is removed.
+
+Scores come from whole forward passes of the model on its device, or, with `--streaming`, layer by
+layer (`streaming.StreamedNLL`) with the model kept on the CPU and one block at a time on the device.
+Both give the same scores (tested)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import FoldGPTError
+from ..gates import GateSet, unit_names
+from . import Context
+
+log = logging.getLogger(__name__)
+
+
+def calibration_nll(model, ids: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token NLL of `model` on the windows `ids` (whole forward passes)."""
+    total, n = 0.0, 0
+    for s in range(0, len(ids), batch_size):
+        b = ids[s : s + batch_size].to(model.device)
+        logits = model(input_ids=b, use_cache=False).logits[:, :-1].float()
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
+        n += b[:, 1:].numel()
+    return total / n
+
+
+@torch.no_grad()
+def greedy_removal(ctx: Context, unit: str, costs: list[float], need: float, label: str,
+                   ) -> tuple[list[int], list[float]]:
+    """Remove units (`unit`: "layer" or "sublayer") greedily until their `costs` sum to `need`.
+    Returns (removed unit indices in removal order, the calibration NLL after each removal)."""
+    names = unit_names(ctx.num_layers, unit)
+    layer_of = [int(n.split(".")[0]) for n in names]
+    ids = ctx.calib[: ctx.cfg.fold.cost_batch * 4]  # a few calibration windows
+    prot = ctx.protected()
+    gates = GateSet(ctx.model, ctx.adapter, unit)
+    alive = torch.ones(len(names))
+    stream = None
+    if ctx.cfg.streaming:
+        from ..streaming import StreamedNLL
+
+        stream = StreamedNLL(ctx.model, ctx.adapter, ids, ctx.cfg.device)
+    score: Callable[[int], float] = (
+        (lambda u: stream.nll(layer_of[u])) if stream is not None else (lambda u: calibration_nll(ctx.model, ids)))
+    removed: list[int] = []
+    nlls: list[float] = []
+    saved = 0.0
+    try:
+        bar = tqdm(total=need, desc=label, leave=False)
+        while saved < need - 1e-9:
+            if stream is not None:
+                with gates.set(alive):
+                    stream.refresh()
+            best = None
+            for u in range(len(names)):
+                if alive[u] == 0 or layer_of[u] in prot:
+                    continue
+                trial = alive.clone()
+                trial[u] = 0
+                with gates.set(trial):
+                    nll = score(u)
+                if best is None or nll < best[0]:
+                    best = (nll, u)
+            if best is None:
+                raise FoldGPTError(f"{label}: every removable unit is gone before the target; raise --target-params")
+            alive[best[1]] = 0
+            removed.append(best[1])
+            nlls.append(best[0])
+            saved += costs[best[1]]
+            bar.update(costs[best[1]])
+            log.info("%s: removed %s (calibration NLL %.4f)", label, names[best[1]], best[0])
+        bar.close()
+    finally:
+        gates.remove()
+        if stream is not None:
+            stream.close()
+    return removed, nlls
