@@ -12,5 +12,5 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "${OUT:-bench/results}"
 $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
 timeout 450 $PY bench/pipeline_cost.py --shape llama2-7b --device cuda --dtype bf16 --seq-len 2048 \
-  --calib-seqs 64 --gate-steps 10 --cure-steps 10 --batch-size 4 --grad-checkpointing \
+  --calib-seqs 64 --gate-steps 10 --cure-steps 10 --batch-size 4 --grad-checkpointing --teacher-cache \
   --json "${OUT:-bench/results}/gpu_check_llama2-7b.json"

@@ -54,7 +54,9 @@ def main(argv=None) -> dict:
     p.add_argument("--gate-steps", type=int, default=5)
     p.add_argument("--cure-steps", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--grad-checkpointing", action="store_true", help="in gate training and the cure")
+    p.add_argument("--micro-batch", type=int, default=0, help="in gate training and the cure")
+    p.add_argument("--teacher-cache", action="store_true", help="cure from the on-disk top-k teacher cache")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     # random weights give tiny activations deep in the stack: without this, denormal floats make the CPU
@@ -90,9 +92,11 @@ def main(argv=None) -> dict:
     an_gpu = torch.cuda.max_memory_allocated() if gpu else None
     session = Session(a.shape, model, tok, adapter, True, calib, sim, analysis_dict(sim), Corpus(text, ["python-docs"]))
     cfg = CompressConfig(target_params=0.75, seq_len=a.seq_len, calib_seqs=a.calib_seqs, device=a.device,
-                         gate=GateConfig(steps=a.gate_steps, rounds=min(5, a.gate_steps), batch_size=a.batch_size),
+                         gate=GateConfig(steps=a.gate_steps, rounds=min(5, a.gate_steps), batch_size=a.batch_size,
+                                         micro_batch=a.micro_batch, grad_checkpointing=a.grad_checkpointing),
                          cure_cfg=CureConfig(steps=a.cure_steps, batch_size=a.batch_size, warmup=1,
-                                             grad_checkpointing=a.grad_checkpointing))
+                                             micro_batch=a.micro_batch, grad_checkpointing=a.grad_checkpointing,
+                                             teacher_cache=a.teacher_cache))
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as mem_run:

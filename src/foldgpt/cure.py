@@ -16,7 +16,7 @@ from .analysis import capture_hidden
 from .config import CureConfig
 from .gates import kl_div
 from .lora import MergeableLoRA, unique_linears
-from .precision import autocast, resolve
+from .precision import autocast, resolve, set_checkpointing
 from .structure import SharedLinear
 from .teacher_cache import TeacherCache, topk_kl
 
@@ -149,9 +149,7 @@ def _cure_loop(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches
     g = torch.Generator().manual_seed(seed + 1)
     order = torch.randperm(len(batches), generator=g)
     student.train(False)  # no dropout: distillation is deterministic
-    if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        student.train(True)  # Hugging Face models checkpoint only in training mode (dropout is 0 here)
+    checkpointing = cfg.grad_checkpointing and set_checkpointing(student, True)
     micro = cfg.micro_batch or cfg.batch_size
     rank, world = _dist_info()
     if world > 1:
@@ -188,8 +186,8 @@ def _cure_loop(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches
     finally:
         if cache is not None:
             cache.close()
-        if cfg.grad_checkpointing and hasattr(student, "gradient_checkpointing_disable"):
-            student.gradient_checkpointing_disable()
+        if checkpointing:
+            set_checkpointing(student, False)
         student.train(False)
     for p in params:
         p.requires_grad_(False)

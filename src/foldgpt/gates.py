@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .config import GateConfig
+from .precision import set_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +190,7 @@ def train_gates(model: nn.Module, adapter: Adapter, batches: torch.Tensor, to_re
     rounds = max(1, cfg.rounds)
     steps_per_round = max(1, cfg.steps // rounds)
     micro = cfg.micro_batch or cfg.batch_size
-    checkpointing = cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable")
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train(True)  # Hugging Face models checkpoint only in training mode (weights are frozen)
+    checkpointing = cfg.grad_checkpointing and set_checkpointing(model, True)
     try:
         bar = tqdm(total=steps_per_round * rounds, desc="Gate training", leave=False)
         for r in range(rounds):
@@ -257,7 +255,6 @@ def train_gates(model: nn.Module, adapter: Adapter, batches: torch.Tensor, to_re
     finally:
         gates.remove()
         if checkpointing:
-            model.gradient_checkpointing_disable()
-            model.train(False)
+            set_checkpointing(model, False)
     log.info("gates: %s", " ".join(f"{n}:{v:.2f}" for n, v in zip(names, final.tolist())))
     return GateResult(names, final.tolist(), removed, history)

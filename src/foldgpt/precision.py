@@ -1,4 +1,4 @@
-"""Mixed precision for the training stages (gates, fold costs, cure); evaluation always runs as loaded."""
+"""Mixed precision and activation checkpointing for the training stages (gates, fold costs, cure)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,20 @@ def autocast(device: str | torch.device, precision: str):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if p == "bf16" else torch.float16
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def set_checkpointing(model, enabled: bool) -> bool:
+    """Turn activation (gradient) checkpointing on or off; returns whether the model supports it.
+    Hugging Face models checkpoint only in training mode, so this also sets the mode (dropout is 0 here)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        on = lambda: model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # noqa: E731
+        off = model.activation_checkpointing_disable
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        on = lambda: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # noqa: E731
+        off = model.gradient_checkpointing_disable
+    else:
+        return False
+    on() if enabled else off()
+    model.train(enabled)
+    return True
