@@ -5,10 +5,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+def _plt():
+    """matplotlib.pyplot with the file backend, imported on first use (keeps `import foldgpt` light)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def fmt_int(n: float | None) -> str:
@@ -30,6 +35,7 @@ def text_table(headers: list[str], rows: list[list]) -> str:
 
 
 def plot_heatmap(sim: list[list[float]], path: Path, title: str) -> None:
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 5))
     im = ax.imshow(sim, cmap="viridis", vmin=min(0.0, min(min(r) for r in sim)), vmax=1.0)
     ax.set_xlabel("hidden state j (0 = embeddings)")
@@ -43,6 +49,7 @@ def plot_heatmap(sim: list[list[float]], path: Path, title: str) -> None:
 
 def plot_similarity_lines(series: dict[str, list[float]], path: Path) -> None:
     """One line per model: cos(h_l, h_{l+1}) against relative depth."""
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, cos in series.items():
         n = len(cos)
@@ -58,6 +65,7 @@ def plot_similarity_lines(series: dict[str, list[float]], path: Path) -> None:
 
 
 def plot_gates(names: list[str], gates: list[float], removed: list[str], path: Path) -> None:
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.25), 3.5))
     colors = ["tab:red" if n in removed else "tab:blue" for n in names]
     ax.bar(range(len(names)), gates, color=colors)
@@ -71,6 +79,7 @@ def plot_gates(names: list[str], gates: list[float], removed: list[str], path: P
 
 
 def plot_curves(curves: dict[str, list[float]], path: Path, ylabel: str, title: str) -> None:
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, ys in curves.items():
         if ys:
@@ -90,6 +99,7 @@ def plot_curves(curves: dict[str, list[float]], path: Path, ylabel: str, title: 
 
 def plot_xy(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: str, ylabel: str,
             logy: bool = False) -> None:
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, pts in series.items():
         pts = sorted(pts)
