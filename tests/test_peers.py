@@ -206,15 +206,17 @@ def test_laco_plan_round_trip(tiny_dirs, text_file, tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 @pytest.mark.parametrize("method", ["sleb", "blockpruner"])
-def test_streamed_greedy_scores_equal_in_memory(tiny_dirs, text_file, kind, method):
-    """--streaming (layer by layer, cached prefix inputs) gives the same removal order and NLLs."""
+def test_prefix_cached_and_streamed_greedy_scores_equal_whole_forwards(tiny_dirs, text_file, kind, method):
+    """The default scorer (cached prefix inputs) and --streaming give the removal order and NLLs of whole
+    forward passes."""
     results = []
-    for streaming in (False, True):
+    for streaming, whole in ((False, True), (False, False), (True, False)):
         ctx = make_ctx(tiny_dirs[kind], text_file, method, streaming=streaming)
-        plan = get_method(method).run(ctx)
+        plan = get_method(method).run(ctx, whole_forward=whole)
         results.append((plan.removed, plan.scores, ctx.info[method]["nll"]))
-    assert results[1][0] == results[0][0] and results[1][1] == results[0][1]
-    torch.testing.assert_close(torch.tensor(results[1][2]), torch.tensor(results[0][2]), rtol=1e-4, atol=1e-5)
+    for r in results[1:]:
+        assert r[0] == results[0][0] and r[1] == results[0][1]
+        torch.testing.assert_close(torch.tensor(r[2]), torch.tensor(results[0][2]), rtol=1e-4, atol=1e-5)
 
 
 def test_streaming_refuses_methods_that_train_through_the_model(tiny_dirs, text_file, tmp_path):

@@ -48,12 +48,12 @@ def units_to_plan(removed: list[str]) -> list[str]:
     return out
 
 
-def run(ctx: Context) -> Plan:
+def run(ctx: Context, whole_forward: bool = False) -> Plan:
     names = unit_names(ctx.num_layers, "sublayer")
     costs = sublayer_params(ctx.model, ctx.adapter)
     b = ctx.budget
     need = (b.base_params - b.target_params) if b.target_params is not None else b.n_remove * b.block_params
-    removed, nlls = greedy_removal(ctx, "sublayer", costs, need, "BlockPruner")
+    removed, nlls = greedy_removal(ctx, "sublayer", costs, need, "BlockPruner", whole_forward)
     saved = sum(costs[i] for i in removed)
     ctx.info["blockpruner"] = {"order": [names[i] for i in removed], "nll": nlls, "saved_params": saved,
                                "needed_params": need}
