@@ -2,6 +2,9 @@
 e.g. while it is still running or after it was stopped:
 
     python bench/render_rows.py bench/results/table_smollm2-135m.rows.jsonl bench/results/table_smollm2-135m_partial
+
+Several rows files (parts of one table run by separate commands on the same data) are merged in the
+order given; a row (method, target, cure) that appears twice, such as the dense row, is kept once.
 """
 
 from __future__ import annotations
@@ -15,16 +18,27 @@ from foldgpt.bench import _plots, results_markdown
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("rows")
-    p.add_argument("out")
+    p.add_argument("rows", nargs="+", help="one or more OUT.rows.jsonl files, then the output folder")
     a = p.parse_args(argv)
-    recs = [json.loads(line) for line in Path(a.rows).read_text().splitlines() if line.strip()]
+    *files, a.out = a.rows
+    if not files:
+        p.error("give at least one rows file and an output folder")
+    recs, seen = [], set()
+    for f in files:
+        for line in Path(f).read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                key = (rec["row"]["method"], rec["row"]["target"], rec["row"]["cure"])
+                if key not in seen:
+                    seen.add(key)
+                    recs.append(rec)
     rows = [r["row"] for r in recs]
     model = recs[0]["command"]["model"]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
-    (out / "command.json").write_text(json.dumps(recs[0]["command"], indent=2))
+    commands = list({json.dumps(r["command"], sort_keys=True): r["command"] for r in recs}.values())
+    (out / "commands.json").write_text(json.dumps(commands, indent=2))
     (out / "results.md").write_text(results_markdown(rows, model))
     _plots(rows, out)
     print((out / "results.md").read_text())

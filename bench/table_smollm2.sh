@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue 4's table: every method at 75% and 60% unique parameters on SmolLM2-135M, each peer with and
-# without the same cure, calibrated on five Austen novels, evaluated on Pride and Prejudice (held out)
-# and the BIG-bench tasks (first 25 examples of each: the CPU budget). Needs ../shared/data.
-#   bash bench/table_smollm2.sh             (peers + foldgpt; ~2.5 h on 2 CPU cores)
-#   ABLATIONS=1 TARGETS=0.75 bash bench/table_smollm2.sh   (foldgpt's ablation rows)
-# A stopped run continues where it stopped when started again (--resume).
+# Issue 4's table: every method at 75% (and 60%) unique parameters on SmolLM2-135M, each peer with and
+# without the same cure, calibrated on five Austen novels, evaluated on Pride and Prejudice (held out,
+# first 16,384 tokens) and the BIG-bench tasks in ../shared/data (first 25 examples of each: the CPU budget).
+#   bash bench/table_smollm2.sh                       (all rows; ~4 h per target on 2 CPU cores)
+#   METHODS=sleb,laco OUT=bench/results/part2 bash bench/table_smollm2.sh   (some rows)
+#   python bench/render_rows.py A.rows.jsonl B.rows.jsonl OUT   (one table from several partial runs)
+# A stopped run continues where it stopped when started again with the same command (--resume).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${SHARED_DATA:-../shared/data}
@@ -13,13 +14,8 @@ TEXT="$A/austen_emma.txt $A/austen_mansfieldpark.txt $A/austen_sensesensibility.
 TASKS=$(find "$D/bigbench" -name task.json | sort | paste -sd, -)
 MODEL=${MODEL:-smollm2-135m}
 TARGETS=${TARGETS:-0.75,0.6}
-if [ "${ABLATIONS:-0}" = 1 ]; then
-  METHODS=foldgpt-gates-only,foldgpt-bi,foldgpt-no-norm,foldgpt-no-tail
-  OUT=${OUT:-bench/results/table_${MODEL}_ablations}
-else
-  METHODS=shortgpt,foldgpt,sleb,laco,angular,blockpruner,random
-  OUT=${OUT:-bench/results/table_${MODEL}}
-fi
+METHODS=${METHODS:-"shortgpt,foldgpt,foldgpt-gates-only,foldgpt[remove_share=0.8],sleb,blockpruner,laco,angular,random"}
+OUT=${OUT:-bench/results/table_${MODEL}}
 export HF_HUB_OFFLINE=1
 FG=${FOLDGPT:-.venv/bin/foldgpt}
 $FG bench "$MODEL" --methods "$METHODS" --targets "$TARGETS" --cure --text $TEXT \

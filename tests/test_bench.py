@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from helpers import fast_config
 
 from foldgpt.bench import bench
@@ -18,3 +19,20 @@ def test_bench_rows_and_files(tiny_dirs, text_file, eval_file, tmp_path):
     saved = json.loads((tmp_path / "b" / "results.json").read_text())
     assert len(saved) == 4 and (tmp_path / "b" / "results.md").exists()
     assert (tmp_path / "b" / "perplexity_vs_params.png").exists()
+
+
+def test_method_specs_with_config_overrides():
+    from foldgpt import CompressConfig, FoldGPTError
+    from foldgpt.bench import split_methods, variant_config
+
+    assert split_methods("sleb,foldgpt[remove_share=0.8;fold.adapter_rank=16],foldgpt-no-tail") == [
+        "sleb", "foldgpt[remove_share=0.8;fold.adapter_rank=16]", "foldgpt-no-tail"]
+    cfg = variant_config("foldgpt[remove_share=0.8;fold.adapter_rank=16]", CompressConfig(), 0.6, None)
+    assert (cfg.method, cfg.remove_share, cfg.fold.adapter_rank, cfg.target_params) == ("foldgpt", 0.8, 16, 0.6)
+    cfg = variant_config("foldgpt-no-tail[cure_cfg.steps=7]", CompressConfig(), 0.75, True)
+    assert cfg.cure_cfg.beta_tail == 0.0 and cfg.cure_cfg.steps == 7
+    assert variant_config("shortgpt", CompressConfig(), 0.75, False).method == "shortgpt"
+    for bad, msg in (("foldgpt[nope=1]", "unknown setting"), ("foldgpt[remove_share]", "key=value"),
+                     ("foldgpt[fold.adapter_rank=-1]", "rank")):
+        with pytest.raises(FoldGPTError, match=msg):
+            variant_config(bad, CompressConfig(), 0.75, None)

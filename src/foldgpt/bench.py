@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,8 +39,32 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
+def split_methods(spec: str) -> list[str]:
+    """'a,b[x=1;y=2],c' -> ['a', 'b[x=1;y=2]', 'c'] (commas inside brackets do not split)."""
+    return [m for m in re.split(r",(?![^\[]*\])", spec) if m]
+
+
+def parse_variant(name: str) -> tuple[str, dict]:
+    """A registered variant, a method, or METHOD[key=value;key=value] with CompressConfig fields as dotted
+    paths, e.g. 'foldgpt[remove_share=0.8;fold.adapter_rank=16]'. Returns (method, overrides)."""
+    m = re.fullmatch(r"([\w.-]+)\[(.*)\]", name)
+    if m is None:
+        return VARIANTS.get(name, (name, {}))
+    method, overrides = VARIANTS.get(m.group(1), (m.group(1), {}))
+    overrides = dict(overrides)
+    for item in filter(None, m.group(2).split(";")):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise FoldGPTError(f"bad override '{item}' in '{name}': write key=value, e.g. remove_share=0.8")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw.strip()
+    return method, overrides
+
+
 def variant_config(name: str, base: CompressConfig, target: float, cure: bool | None) -> CompressConfig:
-    method, overrides = VARIANTS.get(name, (name, {}))
+    method, overrides = parse_variant(name)
     get_method(method)
     cfg = copy.deepcopy(base)
     cfg = replace(cfg, method=method, target_params=target, cure=cure)
@@ -47,8 +72,14 @@ def variant_config(name: str, base: CompressConfig, target: float, cure: bool | 
         obj = cfg
         *path, leaf = key.split(".")
         for p in path:
+            if not hasattr(obj, p):
+                raise FoldGPTError(f"unknown setting '{key}' in method '{name}'")
             obj = getattr(obj, p)
+        if not hasattr(obj, leaf):
+            raise FoldGPTError(f"unknown setting '{key}' in method '{name}'")
         setattr(obj, leaf, value)
+        if hasattr(obj, "__post_init__"):
+            obj.__post_init__()  # re-check the edited settings
     return cfg
 
 
@@ -150,7 +181,7 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
     plans: dict[str, tuple[Plan, float]] = {}  # plan key -> (plan, seconds it took to make)
     for target in targets:
         for name in methods:
-            method = VARIANTS.get(name, (name, {}))[0]
+            method = parse_variant(name)[0]
             cures_by_default = get_method(method).cures_by_default
             modes = [True] if cures_by_default else ([False, True] if cure else [False])
             for do_cure in modes:

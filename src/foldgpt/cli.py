@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="every method at every target on the same data: one table")
     b.add_argument("model")
-    b.add_argument("--methods", default="shortgpt,foldgpt", help="comma list (see --list-methods)")
+    b.add_argument("--methods", default="shortgpt,foldgpt",
+                   help="comma list of methods, ablation variants, or METHOD[key=value;...] config overrides")
     b.add_argument("--targets", default="0.75,0.6", help="fractions of unique parameters kept")
     b.add_argument("--text", nargs="*", default=None)
     b.add_argument("--eval-text", nargs="+", required=True)
@@ -203,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             base = CompressConfig(seq_len=args.seq_len, calib_seqs=args.calib_seqs, seed=args.seed,
                                   gate=GateConfig(steps=args.gate_steps, **gate_kw),
                                   cure_cfg=CureConfig(steps=args.cure_steps, **cure_kw), **run_kw)
-            bench(args.model, [m for m in args.methods.split(",") if m], _floats(args.targets), args.text,
+            from .bench import split_methods
+
+            bench(args.model, split_methods(args.methods), _floats(args.targets), args.text,
                   args.eval_text, args.out, [t for t in args.tasks.split(",") if t], args.cure, base,
                   args.eval_seq_len, args.eval_max_tokens, args.task_limit, args.cloze, args.overwrite,
                   resume=args.resume)
