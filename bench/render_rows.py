@@ -3,8 +3,9 @@ e.g. while it is still running or after it was stopped:
 
     python bench/render_rows.py bench/results/table_smollm2-135m.rows.jsonl bench/results/table_smollm2-135m_partial
 
-Several rows files (parts of one table run by separate commands on the same data) are merged in the
-order given; a row (method, target, cure) that appears twice, such as the dense row, is kept once.
+Several files (parts of one table run by separate commands on the same data) are merged in the order
+given: OUT.rows.jsonl files of running or stopped runs, or the results.json of a finished one; a row
+(method, target, cure) that appears twice, such as the dense row, is kept once.
 """
 
 from __future__ import annotations
@@ -25,19 +26,22 @@ def main(argv=None) -> None:
         p.error("give at least one rows file and an output folder")
     recs, seen = [], set()
     for f in files:
-        for line in Path(f).read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                key = (rec["row"]["method"], rec["row"]["target"], rec["row"]["cure"])
-                if key not in seen:
-                    seen.add(key)
-                    recs.append(rec)
+        text = Path(f).read_text()
+        if f.endswith(".json"):  # a finished run's results.json: rows without the command
+            found = [{"command": None, "row": row} for row in json.loads(text)]
+        else:
+            found = [json.loads(line) for line in text.splitlines() if line.strip()]
+        for rec in found:
+            key = (rec["row"]["method"], rec["row"]["target"], rec["row"]["cure"])
+            if key not in seen:
+                seen.add(key)
+                recs.append(rec)
     rows = [r["row"] for r in recs]
-    model = recs[0]["command"]["model"]
+    model = next((r["command"]["model"] for r in recs if r["command"]), "model")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
-    commands = list({json.dumps(r["command"], sort_keys=True): r["command"] for r in recs}.values())
+    commands = list({json.dumps(r["command"], sort_keys=True): r["command"] for r in recs if r["command"]}.values())
     (out / "commands.json").write_text(json.dumps(commands, indent=2))
     (out / "results.md").write_text(results_markdown(rows, model))
     _plots(rows, out)

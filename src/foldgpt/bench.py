@@ -213,6 +213,7 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
                 del run
     with atomic_dir(out, overwrite) as tmp:
         write_json_atomic(tmp / "results.json", rows)
+        write_json_atomic(tmp / "command.json", command)
         (tmp / "results.md").write_text(results_markdown(rows, model))
         _plots(rows, tmp)
     log_path.unlink(missing_ok=True)
