@@ -27,15 +27,6 @@ def random_model(shape: str, dtype, device: str = "cpu", **overrides):
 
 def byte_tokenizer():
     """A small byte-level BPE trained on Python's docs, offline (the text only needs to become ids)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from foldgpt.data import _builtin_text, byte_level_tokenizer
 
-    from foldgpt.data import _builtin_text
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([_builtin_text()[:200_000]], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return byte_level_tokenizer([_builtin_text()[:200_000]], vocab_size=2000)

@@ -127,6 +127,21 @@ def load_text(specs: list[str] | str | None, split: str = "train") -> Corpus:
     return Corpus(text, sources)
 
 
+def byte_level_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained offline on `texts` (with <unk>, <s>, </s>): enough to turn text
+    into ids for random or tiny models built from configs, which ship no tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Tokenize a long text once, without special tokens, in chunks (fast and memory-safe)."""
     ids: list[int] = []
