@@ -46,7 +46,7 @@ def make_ctx(path, text_file, method: str, target: float = TARGET, **kw) -> Cont
     m = get_method(method)
     budget = plan_budget(model, adapter, len(adapter.layers(model)), cfg.target_params, cfg.remove_rate,
                          cfg.remove_share, cfg.fold.group_size if m.folds else 1, cfg.fold.adapter_rank,
-                         cfg.fold.shared_linears or None)
+                         cfg.fold.shared_linears or None, cfg.fold.child_gates)
     return Context(model, adapter, calib, cfg, budget, bos, sim)
 
 

@@ -11,7 +11,10 @@ from foldgpt.structure import unique_params
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
 def test_save_load_gives_identical_logits(tiny_dirs, text_file, tmp_path, kind):
-    res = foldgpt.compress(str(tiny_dirs[kind]), [str(text_file)], tmp_path / "o", fast_config())
+    # the tiny Gemma's greedy ranking deletes both of its global layers, which then have no same-kind
+    # neighbour to fold onto: its round trip uses the gate ranking, whose groups are kept layers
+    cfg = fast_config(ranking="gates" if kind == "gemma3" else "greedy")
+    res = foldgpt.compress(str(tiny_dirs[kind]), [str(text_file)], tmp_path / "o", cfg)
     assert res.plan.groups, "the test needs at least one folded group"
     model, tok = foldgpt.load(tmp_path / "o")
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -217,7 +217,7 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> Met
     num_layers = len(s.adapter.layers(s.dense))
     budget = plan_budget(s.dense, s.adapter, num_layers, cfg.target_params, cfg.remove_rate, cfg.remove_share,
                          cfg.fold.group_size if method.folds else 1, cfg.fold.adapter_rank,
-                         cfg.fold.shared_linears or None)
+                         cfg.fold.shared_linears or None, cfg.fold.child_gates)
     log.info("budget: remove %d layers, fold %d children (predicted %s unique params of %s)",
              budget.n_remove, budget.n_fold, fmt_int(budget.predicted_params), fmt_int(budget.base_params))
     ctx = Context(s.dense, s.adapter, s.calib, cfg, budget, s.bos, s.similarity)

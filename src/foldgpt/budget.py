@@ -33,7 +33,7 @@ def _max_children(retained: int, group_size: int) -> int:
 
 def plan_budget(model: nn.Module, adapter: Adapter, num_layers: int, target: float | None,
                 remove_rate: float | None, remove_share: float, group_size: int, rank: int,
-                shared: list[str] | None = None) -> Budget:
+                shared: list[str] | None = None, child_gate: bool = False) -> Budget:
     """Split the savings a target asks for between removal and folding.
 
     - target only: removal takes `remove_share` of the savings (in whole layers), folding the rest;
@@ -42,7 +42,7 @@ def plan_budget(model: nn.Module, adapter: Adapter, num_layers: int, target: flo
     base = unique_params(model)
     layer0 = adapter.layers(model)[0]
     block = layer_params(layer0)
-    child = child_params(adapter, layer0, rank, shared)
+    child = child_params(adapter, layer0, rank, shared) + int(child_gate)  # + its scalar branch gate
     gain = block - child  # what folding one child saves
     tgt = None if target is None else int(target * base)
     if remove_rate is not None:

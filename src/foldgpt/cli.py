@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=int, default=2)
     c.add_argument("--remove-share", type=float, default=0.5, help="with only a target: share of savings by removal")
     c.add_argument("--plan", default=None, help="re-apply a plan.json instead of learning one")
-    c.add_argument("--unit", choices=["layer", "sublayer"], default="layer")
+    c.add_argument("--ranking", choices=["greedy", "gates"], default="greedy",
+                   help="foldgpt's joint ranking: greedy calibration NLL (fold-or-delete by cost) or learned gates")
+    c.add_argument("--no-child-gates", dest="child_gates", action="store_false",
+                   help="children run their parent's block at full weight (no measured branch gate)")
+    c.add_argument("--unit", choices=["layer", "sublayer"], default="layer", help="gate unit (--ranking gates)")
     c.add_argument("--protect-ends", action="store_true", help="never remove the first and last layer")
     c.add_argument("--seq-len", type=int, default=256)
     c.add_argument("--calib-seqs", type=int, default=512)
@@ -159,12 +163,12 @@ def _compress(args) -> int:
     cure_cfg = CureConfig(steps=args.cure_steps, lr=args.cure_lr, tail_layers=args.tail_layers, **cure_kw)
     cfg = CompressConfig(
         method=args.method, target_params=target, remove_rate=args.remove_rate, remove_share=args.remove_share,
-        protect_ends=args.protect_ends, seq_len=args.seq_len, calib_seqs=args.calib_seqs, seed=args.seed,
-        cure=args.cure,
+        ranking=args.ranking, protect_ends=args.protect_ends, seq_len=args.seq_len, calib_seqs=args.calib_seqs,
+        seed=args.seed, cure=args.cure,
         gate=GateConfig(unit=args.unit, steps=args.gate_steps, rounds=args.gate_rounds, budget=args.gate_budget,
                         **gate_kw),
         fold=FoldConfig(group_size=args.group_size, adapter_rank=args.adapter_rank, adapter_init=args.adapter_init,
-                        select=args.fold_select),
+                        select=args.fold_select, child_gates=args.child_gates),
         cure_cfg=cure_cfg, **run_kw,
     ) if target is not None or args.remove_rate is not None else CompressConfig(
         method=args.method, target_params=None, remove_rate=0.0, seed=args.seed, cure=args.cure,

@@ -42,6 +42,7 @@ class FoldConfig:
     shared_linears: list[str] = field(default_factory=list)  # empty: every Linear of the block
     select: str = "loss"  # how to choose the groups: "loss" (calibration KL when folded) or "adjacent"
     position_gates: bool = False
+    child_gates: bool = True  # a scalar gate on each child's branches, initialised by measured calibration NLL
     cost_batch: int = 2
 
     def __post_init__(self):
@@ -87,6 +88,7 @@ class CompressConfig:
     target_params: float | None = 0.75  # fraction of unique parameters kept
     remove_rate: float | None = None  # fraction of layers removed (with group_size: sets the split directly)
     remove_share: float = 0.5  # with only a target: share of the savings taken by removal
+    ranking: str = "greedy"  # foldgpt's ranking: "greedy" (calibration NLL, fold-or-delete by cost) or "gates"
     protect_ends: bool = False
     seq_len: int = 256
     calib_seqs: int = 512
@@ -108,6 +110,7 @@ class CompressConfig:
         _check(self.target_params is not None or self.remove_rate is not None,
                "give --target-params or --remove-rate")
         _check(0.0 <= self.remove_share <= 1.0, "remove share must be in [0, 1]")
+        _check(self.ranking in ("greedy", "gates"), f"--ranking must be 'greedy' or 'gates', got '{self.ranking}'")
         _check(self.seq_len >= 8, "--seq-len must be >= 8")
         _check(self.calib_seqs >= 1, "calibration sequences must be >= 1")
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"),

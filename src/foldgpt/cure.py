@@ -38,8 +38,9 @@ def trainable_parameters(model: nn.Module, adapter: Adapter, train_all_norms: bo
             elif name in adapter.norms(layer) and ((is_child and train_child_norms) or train_all_norms):
                 for p in mod.parameters(recurse=False):
                     chosen[id(p)] = p
-        if hasattr(layer, "fold_gate"):
-            chosen[id(layer.fold_gate)] = layer.fold_gate
+        for gate in ("fold_gate", "child_gate"):
+            if hasattr(layer, gate):
+                chosen[id(getattr(layer, gate))] = getattr(layer, gate)
     params = list(chosen.values())
     for p in params:
         p.requires_grad_(True)

@@ -39,6 +39,9 @@ def to_dense(folded: nn.Module) -> nn.Module:
     if layout.get("position_gates"):
         raise FoldGPTError("models with per-position gates cannot be exported densely (a gate on the whole "
                            "residual branch has no equivalent in the base architecture)")
+    from .adapters import get_adapter
+
+    adapter = get_adapter(folded.config)
     config = folded.config.__class__.from_dict(folded.config.to_dict())
     dense = AutoModelForCausalLM.from_config(config, dtype=next(folded.parameters()).dtype)
     state = {}
@@ -54,6 +57,11 @@ def to_dense(folded: nn.Module) -> nn.Module:
                 sub[name + ".weight"] = lin.weight
                 if lin.bias is not None:
                     sub[name + ".bias"] = lin.bias
+        if hasattr(layer, "child_gate"):  # a child's branch gate, folded into the branches' last weights
+            g, off = sub.pop("child_gate").float(), adapter.gate_key_offset
+            for k in adapter.attn_gate_keys + adapter.mlp_gate_keys:
+                if k in sub:
+                    sub[k] = (g * (off + sub[k].float()) - off).to(sub[k].dtype)
         for branch, norms, out_proj in ((layout["attn_branch"], layout["attn_norms"], "o_proj"),
                                         (layout["mlp_branch"], layout["mlp_norms"], "down_proj")):
             if isinstance(layer.get_submodule(branch), ZeroBranch):

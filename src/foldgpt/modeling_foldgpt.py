@@ -8,7 +8,9 @@ A folded checkpoint is the base architecture with a *layout* applied:
 - `parents`: for each shared position, the position whose Linear modules it runs (the same module
   objects, so one storage), through a `SharedLinear` that may add its own low-rank delta;
 - `removed_sublayers`: attention/MLP branches deleted inside a kept layer (they contribute zero);
-- `position_gates`: an optional learnable scalar on each position's residual branch.
+- `position_gates`: an optional learnable scalar on each position's residual branch;
+- `child_gates`: positions (folded children) whose attention and MLP branch outputs are scaled by one
+  learnable scalar `child_gate` (a child can start anywhere between "deleted" (0) and "full parent" (1)).
 Each position keeps its own attention module (own `layer_idx`), so the KV cache is indexed by position
 even where blocks share weights.
 """
@@ -87,6 +89,29 @@ def add_position_gates_(layers: nn.ModuleList) -> None:
             layer.register_forward_hook(_gate_hook, with_kwargs=True)
 
 
+def _branch_gate_hook(layer: nn.Module):
+    def hook(module, args, output):
+        g = layer.child_gate
+        if isinstance(output, tuple):
+            return (output[0] * g.to(output[0].dtype), *output[1:])
+        return output * g.to(output.dtype)
+
+    return hook
+
+
+def add_child_gates_(layers: nn.ModuleList, positions: list[int], attn_point: str, mlp_point: str) -> None:
+    """One learnable scalar per listed position scaling both residual branches (the outputs of the modules
+    at `attn_point` and `mlp_point`), initialised at 1. A dense export folds it into those branches' weights."""
+    for pos in positions:
+        layer = layers[pos]
+        if hasattr(layer, "child_gate"):
+            continue
+        p = next(layer.parameters())
+        layer.child_gate = nn.Parameter(torch.ones((), dtype=p.dtype, device=p.device))
+        for point in (attn_point, mlp_point):
+            layer.get_submodule(point).register_forward_hook(_branch_gate_hook(layer))
+
+
 def apply_layout_(model: nn.Module, layout: dict, init_child=None) -> nn.Module:
     """Turn a dense base model (all original layers) into the folded one, in place.
 
@@ -123,6 +148,9 @@ def apply_layout_(model: nn.Module, layout: dict, init_child=None) -> nn.Module:
                 mod.layer_idx = i
     if layout.get("position_gates"):
         add_position_gates_(model.model.layers)
+    if layout.get("child_gates"):
+        add_child_gates_(model.model.layers, [int(p) for p in layout["child_gates"]], layout["attn_gate_point"],
+                         layout["mlp_gate_point"])
     model.fold_layout = layout
     return model
 
@@ -164,10 +192,12 @@ def build_empty(base_config: dict, layout: dict, dtype: torch.dtype = torch.floa
 
 
 def alias_keys(model: nn.Module) -> dict[str, str]:
-    """state_dict keys that alias an earlier key's storage (shared and tied weights) -> that key."""
+    """state_dict keys that alias another key's storage (shared and tied weights) -> that key."""
     owner: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
-    for k, v in model.state_dict(keep_vars=True).items():
+    items = model.state_dict(keep_vars=True).items()
+    # a module's own name owns a shared tensor, not a child's view of it (".base."), wherever the child sits
+    for k, v in sorted(items, key=lambda kv: ".base." in kv[0]):
         if v.device.type == "meta":  # meta tensors have no storage: shared ones are the same object
             key = ("meta", id(v))
         else:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from .errors import FoldGPTError
 
-PLAN_VERSION = 2  # the newest format this foldgpt reads
+PLAN_VERSION = 3  # the newest format this foldgpt reads
 MERGES_VERSION = 2  # plans with LaCo merges need at least this version (older foldgpt would drop them)
+CHILD_GATES_VERSION = 3  # plans with child gates (older foldgpt would build children without them)
 
 
 @dataclass
@@ -19,8 +20,11 @@ class Plan:
     """What to remove and what to fold, in terms of the *original* layer indices.
 
     removed: units to delete: "7" is a whole layer, "7.attn" / "7.mlp" a sub-block.
-    groups:  folded groups [parent, child, ...] of retained layers; children run the parent's
-             Linear weights (by reference) and keep their own norms.
+    groups:  folded groups [parent, child, ...] of retained layers (children in increasing order, on either
+             side of the parent); children run the parent's Linear weights (by reference) and keep
+             their own norms.
+    child_gates: initial value of each child's branch gate (original layer -> scalar): the child's attention
+             and MLP outputs are scaled by it (0 = the layer deleted, 1 = the parent's block in full).
     merges:  LaCo layer merges [l, l+1, ..., l+K]: layer l's parameters become
              theta_l + sum_k (theta_{l+k} - theta_l) and layers l+1..l+K are removed (listed in `removed`).
              Applied before removal and folding; the merged weights are saved as position l's own.
@@ -36,6 +40,7 @@ class Plan:
     adapter_rank: int = 0
     adapter_init: str = "zero"  # "zero" (LoRA: B=0) or "svd" (truncated SVD of W_child - W_parent)
     position_gates: bool = False  # a learnable scalar gate on every retained position
+    child_gates: dict[str, float] = field(default_factory=dict)
     method: str = "foldgpt"
     unit: str = "layer"
     gates: dict[str, float] = field(default_factory=dict)
@@ -45,8 +50,11 @@ class Plan:
 
     def __post_init__(self) -> None:
         self.merges = [[int(x) for x in m] for m in self.merges]
+        self.child_gates = {str(k): float(v) for k, v in self.child_gates.items()}
         if self.merges:
             self.version = max(self.version, MERGES_VERSION)
+        if self.child_gates:
+            self.version = max(self.version, CHILD_GATES_VERSION)
         self.validate()
 
     # ---- derived views -----------------------------------------------------------------------
@@ -95,8 +103,8 @@ class Plan:
             raise FoldGPTError("the plan removes every layer; lower the compression target")
         seen: set[int] = set()
         for g in self.groups:
-            if len(g) < 2 or g != sorted(g):
-                raise FoldGPTError(f"plan group {g} must list >= 2 layers in increasing order")
+            if len(g) < 2 or g[1:] != sorted(set(g[1:])) or g[0] in g[1:]:
+                raise FoldGPTError(f"plan group {g} must list a parent, then >= 1 children in increasing order")
             for layer in g:
                 if layer in self.removed_sublayers():
                     raise FoldGPTError(f"plan group {g} uses layer {layer}, which lost a sub-block; it cannot share")
@@ -105,6 +113,10 @@ class Plan:
                 seen.add(layer)
             if self.layer_kinds and len({self.layer_kinds[i] for i in g}) > 1:
                 raise FoldGPTError(f"plan group {g} mixes attention kinds; only same-kind layers may share")
+        children = set(self.parent_of())
+        for c in self.child_gates:
+            if int(c) not in children:
+                raise FoldGPTError(f"plan gives layer {c} a child gate, but it is not a folded child")
         gone = self.removed_layers()
         merged: set[int] = set()
         for m in self.merges:

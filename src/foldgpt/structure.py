@@ -52,6 +52,9 @@ def layout_from_plan(plan: Plan, adapter: Adapter) -> dict:
         "shared_linears": list(plan.shared_linears or adapter.linears),
         "adapter_rank": plan.adapter_rank,
         "position_gates": plan.position_gates,
+        "child_gates": sorted(pos[int(c)] for c in plan.child_gates),
+        "attn_gate_point": adapter.attn_gate_point,
+        "mlp_gate_point": adapter.mlp_gate_point,
         "attn_branch": adapter.attn_branch,
         "mlp_branch": adapter.mlp_branch,
         "attn_norms": list(adapter.attn_norms),
@@ -92,7 +95,15 @@ def apply_plan_(model: nn.Module, plan: Plan, adapter: Adapter, seed: int = 0) -
             init_lowrank_(view, own if isinstance(own, nn.Linear) else None, plan.adapter_init,
                           seed=seed * 1009 + pos * 31 + paths.index(path))
 
-    return apply_layout_(model, layout, init_child)
+    apply_layout_(model, layout, init_child)
+    if plan.child_gates:
+        kept = plan.kept_layers()
+        with torch.no_grad():
+            for c, value in plan.child_gates.items():
+                layer = adapter.layers(model)[kept.index(int(c))]
+                if layer.child_gate.device.type != "meta":
+                    layer.child_gate.fill_(float(value))
+    return model
 
 
 # ---- parameter accounting -------------------------------------------------------------------------

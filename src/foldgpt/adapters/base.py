@@ -37,6 +37,11 @@ class Adapter:
     # modules whose output a sub-block gate scales (the last op of each residual branch)
     attn_gate_point: str = "self_attn"
     mlp_gate_point: str = "mlp"
+    # state-dict keys (relative to the layer) whose values a branch gate g can be folded into for a dense
+    # export: value -> g * (offset + value) - offset (the gate point computes (offset + weight) * ...)
+    attn_gate_keys: tuple[str, ...] = ("self_attn.o_proj.weight", "self_attn.o_proj.bias")
+    mlp_gate_keys: tuple[str, ...] = ("mlp.down_proj.weight", "mlp.down_proj.bias")
+    gate_key_offset: float = 0.0
     # norms that belong to the attention / MLP sub-block (removed together with it)
     attn_norms: tuple[str, ...] = ("input_layernorm",)
     mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)

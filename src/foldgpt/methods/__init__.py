@@ -46,6 +46,7 @@ class Context:
             adapter_rank=self.cfg.fold.adapter_rank if groups else 0,
             adapter_init=self.cfg.fold.adapter_init,
             position_gates=self.cfg.fold.position_gates,
+            child_gates=kw.pop("child_gates", {}),
             unit=self.cfg.gate.unit,
             **kw,
         )

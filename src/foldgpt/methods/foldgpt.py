@@ -1,20 +1,37 @@
-"""FoldGPT: gated removal (units ranked jointly), then grouped parameter sharing chosen by cost."""
+"""FoldGPT: rank the blocks jointly, delete the least useful, fold the next ones onto a neighbour's weights.
+
+Two rankings (`--ranking`):
+- "greedy" (default): remove whole layers one at a time by calibration NLL (each step with the earlier
+  removals in place) until the removal *and* folding budget is spent, then bring back as folded children
+  the removed layers that lower the calibration NLL most when they run a same-kind neighbour's weights
+  (their own norms, a rank-r delta, and a branch gate set to the measured best value). Every child
+  starts at a calibration NLL no worse than deleting it (a gate of 0 is deletion) and the cure trains
+  the gate, the norms and the delta from there.
+- "gates": learned gates on every block, trained jointly under a hard budget (the paper's
+  ranking); the lowest are deleted and the retained layers are folded into the groups whose measured
+  folding cost is lowest.
+"""
 
 from __future__ import annotations
 
 import logging
 
 import torch
+from tqdm.auto import tqdm
 
-from ..fold import fold_costs, select_groups
-from ..gates import train_gates
+from ..errors import FoldGPTError
+from ..fold import borrowed_weights, fold_costs, select_groups
+from ..gates import GateSet, train_gates
 from ..plan import Plan
 from ..precision import autocast
 from ..structure import apply_plan_
 from ..weights import clone_sharing_weights
 from . import Context, Method, register
+from .greedy import greedy_removal
 
 log = logging.getLogger(__name__)
+
+CHILD_GATE_GRID = (0.25, 0.5, 0.75, 1.0)  # initial child gates tried (0, deletion, is the baseline)
 
 
 def gated_removal(ctx: Context) -> tuple[list[str], dict]:
@@ -53,13 +70,118 @@ def choose_groups(ctx: Context, removed: list[str]) -> list[list[int]]:
     return select_groups(kept, kinds, cfg.fold.group_size, n_fold, costs)
 
 
+@torch.no_grad()
+def child_search(ctx: Context, gone: set[int], pairs: list[tuple[int, int]]) -> dict[tuple[int, int], tuple]:
+    """For each (parent, child) pair, the calibration NLL with `gone` layers deleted and the child running
+    the parent's Linears (own norms) with both branches scaled by g, for g in CHILD_GATE_GRID.
+    Returns {(parent, child): (best NLL, best g, NLL with the child deleted)}; each trial reruns only
+    the layers from the child on (streaming.StreamedNLL)."""
+    from ..streaming import StreamedNLL
+
+    layers = ctx.adapter.layers(ctx.model)
+    paths = ctx.cfg.fold.shared_linears or list(ctx.adapter.linears)
+    ids = ctx.calib[: ctx.cfg.fold.cost_batch * 4]  # the windows the greedy ranking scores
+    gates = GateSet(ctx.model, ctx.adapter, "sublayer")
+    base = torch.ones(2 * ctx.num_layers)
+    for layer in gone:
+        base[2 * layer : 2 * layer + 2] = 0
+    stream = StreamedNLL(ctx.model, ctx.adapter, ids, ctx.model.device)
+    out: dict[tuple[int, int], tuple] = {}
+    try:
+        with gates.set(base):
+            stream.refresh()
+        for p, c in tqdm(pairs, desc="Child gates", leave=False):
+            without = base.clone()
+            without[2 * c : 2 * c + 2] = 0
+            with gates.set(without):
+                best = (stream.nll(c), 0.0)
+            deleted = best[0]
+            with borrowed_weights(layers[c], layers[p], paths):
+                for g in CHILD_GATE_GRID:
+                    trial = base.clone()
+                    trial[2 * c : 2 * c + 2] = g
+                    with gates.set(trial):
+                        nll = stream.nll(c)
+                    if nll < best[0]:
+                        best = (nll, g)
+            out[(p, c)] = (best[0], best[1], deleted)
+    finally:
+        gates.remove()
+        stream.close()
+    return out
+
+
+def neighbours(layer: int, kept: list[int], kinds: list[str]) -> list[int]:
+    """The nearest kept layer of the same attention kind below and above `layer`."""
+    below = [k for k in kept if k < layer and kinds[k] == kinds[layer]]
+    above = [k for k in kept if k > layer and kinds[k] == kinds[layer]]
+    return ([below[-1]] if below else []) + ([above[0]] if above else [])
+
+
+def greedy_fold(ctx: Context) -> tuple[list[str], list[list[int]], dict[str, float]]:
+    """Greedy NLL removal of n_remove + n_fold layers, then the n_fold removed layers whose folding onto a
+    neighbour helps most come back as children. Returns (removed units, groups, child gate values)."""
+    b = ctx.budget
+    total = b.n_remove + b.n_fold
+    if total == 0:
+        return [], [], {}
+    order, nlls = greedy_removal(ctx, "layer", [1.0] * ctx.num_layers, total, "FoldGPT ranking")
+    ctx.info["ranking"] = {"order": order, "nll": nlls}
+    if b.n_fold == 0:
+        return [str(i) for i in sorted(order)], [], {}
+    gone = set(order)
+    kept = [i for i in range(ctx.num_layers) if i not in gone]
+    kinds = ctx.adapter.layer_kinds(ctx.model.config)
+    pairs = [(p, c) for c in sorted(gone) for p in neighbours(c, kept, kinds)]
+    found = child_search(ctx, gone, pairs)
+    ctx.info["child_search"] = {f"{p}->{c}": {"nll": v[0], "gate": v[1], "nll_deleted": v[2]}
+                                for (p, c), v in found.items()}
+    capacity = {p: ctx.cfg.fold.group_size - 1 for p in kept}
+    children: dict[int, tuple[int, float]] = {}  # child -> (parent, gate)
+    for (p, c), (_nll, g, _deleted) in sorted(found.items(), key=lambda kv: kv[1][0] - kv[1][2]):
+        if len(children) == b.n_fold:
+            break
+        if c in children or capacity[p] == 0:
+            continue
+        children[c] = (p, g if ctx.cfg.fold.child_gates else 1.0)
+        capacity[p] -= 1
+    if len(children) < b.n_fold:
+        log.warning("could fold only %d of %d children (not enough same-kind neighbours); deleting the rest",
+                    len(children), b.n_fold)
+    by_parent: dict[int, list[int]] = {}
+    for c, (p, _) in children.items():
+        by_parent.setdefault(p, []).append(c)
+    groups = sorted([p, *sorted(cs)] for p, cs in by_parent.items())
+    removed = [str(i) for i in sorted(gone - set(children))]
+    gates = {str(c): g for c, (_, g) in children.items()} if ctx.cfg.fold.child_gates else {}
+    return removed, groups, gates
+
+
+def measured_child_gates(ctx: Context, removed: list[str], groups: list[list[int]]) -> dict[str, float]:
+    """Initial gate of each child of `groups` (any ranking): the CHILD_GATE_GRID value with the lowest
+    calibration NLL, each child measured with the removals in place and the other children at full weight."""
+    if not groups or not ctx.cfg.fold.child_gates:
+        return {}
+    gone = {int(u) for u in removed if "." not in u}
+    pairs = [(g[0], c) for g in groups for c in g[1:]]
+    found = child_search(ctx, gone, pairs)
+    return {str(c): found[(p, c)][1] if found[(p, c)][0] < found[(p, c)][2] else 0.0 for p, c in pairs}
+
+
 def run(ctx: Context) -> Plan:
-    with autocast(ctx.model.device, ctx.cfg.precision):
-        removed, gates = gated_removal(ctx)
-        log.info("removing %s", removed)
-        groups = choose_groups(ctx, removed)
-    log.info("folding groups %s", groups)
-    return ctx.new_plan(removed, groups, method="foldgpt", gates=gates)
+    if ctx.cfg.ranking == "greedy":
+        if ctx.cfg.gate.unit != "layer":
+            raise FoldGPTError("--unit sublayer applies to the gate ranking; add --ranking gates")
+        removed, groups, child_gates = greedy_fold(ctx)
+        gates: dict[str, float] = {}
+    else:
+        with autocast(ctx.model.device, ctx.cfg.precision):
+            removed, gates = gated_removal(ctx)
+            log.info("removing %s", removed)
+            groups = choose_groups(ctx, removed)
+        child_gates = measured_child_gates(ctx, removed, groups)
+    log.info("removing %s; folding groups %s (child gates %s)", removed, groups, child_gates)
+    return ctx.new_plan(removed, groups, method="foldgpt", gates=gates, child_gates=child_gates)
 
 
 def run_bi(ctx: Context) -> Plan:
@@ -70,10 +192,11 @@ def run_bi(ctx: Context) -> Plan:
     bi = block_influence(ctx.similarity).tolist()
     removed = [str(i) for i in lowest(bi, ctx.budget.n_remove, ctx.protected())]
     groups = choose_groups(ctx, removed)
-    return ctx.new_plan(removed, groups, method="foldgpt-bi", scores={str(i): b for i, b in enumerate(bi)})
+    return ctx.new_plan(removed, groups, method="foldgpt-bi", child_gates=measured_child_gates(ctx, removed, groups),
+                        scores={str(i): b for i, b in enumerate(bi)})
 
 
 register(Method("foldgpt-bi", run_bi, cures_by_default=True, folds=True,
                 description="ablation: BI removal + grouped sharing + cure"))
 register(Method("foldgpt", run, cures_by_default=True, folds=True,
-                description="gated removal + grouped parameter sharing + cure (tail-layer distillation)"))
+                description="joint ranking, removal + grouped parameter sharing + cure (tail-layer distillation)"))

@@ -9,6 +9,7 @@ the CPU and one block at a time runs on the device."""
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -32,15 +33,48 @@ def calibration_nll(model, ids: torch.Tensor, batch_size: int = 4) -> float:
     return total / n
 
 
+# Finished greedy searches, so methods that share one (SLEB and FoldGPT's ranking in one bench) run it once.
+# key -> (weak reference to the model, removal order, NLLs). Each step depends only on the steps before it,
+# so a longer search's prefix is a shorter search's answer, and a shorter one can be continued.
+_MEMO: dict[tuple, tuple] = {}
+
+
+def _memo_key(ctx: Context, unit: str, costs: list[float], ids: torch.Tensor) -> tuple:
+    return (id(ctx.model), ids.data_ptr(), tuple(ids.shape), int(ids[:, :8].sum()), unit, tuple(costs),
+            tuple(sorted(ctx.protected())), ctx.cfg.streaming, str(ctx.cfg.device))
+
+
 @torch.no_grad()
 def greedy_removal(ctx: Context, unit: str, costs: list[float], need: float, label: str,
                    whole_forward: bool = False) -> tuple[list[int], list[float]]:
     """Remove units (`unit`: "layer" or "sublayer") greedily until their `costs` sum to `need`.
     Returns (removed unit indices in removal order, the calibration NLL after each removal).
     `whole_forward` scores every trial with a whole forward pass instead (the reference path)."""
+    ids = ctx.calib[: ctx.cfg.fold.cost_batch * 4]  # a few calibration windows
+    key = _memo_key(ctx, unit, costs, ids)
+    start: tuple[list[int], list[float]] = ([], [])
+    hit = _MEMO.get(key)
+    if not whole_forward and hit is not None and hit[0]() is ctx.model:
+        order, nlls = hit[1], hit[2]
+        saved, n = 0.0, 0
+        while n < len(order) and saved < need - 1e-9:
+            saved += costs[order[n]]
+            n += 1
+        if saved >= need - 1e-9:
+            log.info("%s: reusing an earlier greedy search of this model and calibration set", label)
+            return list(order[:n]), list(nlls[:n])
+        start = (list(order), list(nlls))
+    removed, nlls = _search(ctx, unit, costs, need, label, ids, whole_forward, start)
+    if not whole_forward:
+        _MEMO.clear()  # one model at a time: do not keep scores of models that are gone
+        _MEMO[key] = (weakref.ref(ctx.model), list(removed), list(nlls))
+    return removed, nlls
+
+
+def _search(ctx: Context, unit: str, costs: list[float], need: float, label: str, ids: torch.Tensor,
+            whole_forward: bool, start: tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
     names = unit_names(ctx.num_layers, unit)
     layer_of = [int(n.split(".")[0]) for n in names]
-    ids = ctx.calib[: ctx.cfg.fold.cost_batch * 4]  # a few calibration windows
     prot = ctx.protected()
     gates = GateSet(ctx.model, ctx.adapter, unit)
     alive = torch.ones(len(names))
@@ -51,11 +85,12 @@ def greedy_removal(ctx: Context, unit: str, costs: list[float], need: float, lab
         stream = StreamedNLL(ctx.model, ctx.adapter, ids, ctx.cfg.device if ctx.cfg.streaming else ctx.model.device)
     score: Callable[[int], float] = (
         (lambda u: stream.nll(layer_of[u])) if stream is not None else (lambda u: calibration_nll(ctx.model, ids)))
-    removed: list[int] = []
-    nlls: list[float] = []
-    saved = 0.0
+    removed, nlls = list(start[0]), list(start[1])
+    for u in removed:
+        alive[u] = 0
+    saved = sum(costs[u] for u in removed)
     try:
-        bar = tqdm(total=need, desc=label, leave=False)
+        bar = tqdm(total=need, initial=saved, desc=label, leave=False)
         while saved < need - 1e-9:
             if stream is not None:
                 with gates.set(alive):

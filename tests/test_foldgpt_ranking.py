@@ -1,0 +1,119 @@
+"""FoldGPT's default ranking: greedy calibration NLL, fold-or-delete by measured cost, child branch gates."""
+
+import pytest
+import torch
+from helpers import fast_config
+from test_peers import applied, make_ctx
+
+import foldgpt
+from foldgpt.adapters import get_adapter
+from foldgpt.cure import trainable_parameters
+from foldgpt.methods import get_method
+from foldgpt.methods import greedy as greedy_mod
+from foldgpt.methods.foldgpt import CHILD_GATE_GRID
+from foldgpt.models import load_model
+from foldgpt.plan import Plan
+from foldgpt.structure import unique_params
+
+IDS = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(5))
+
+
+def test_greedy_foldgpt_folds_back_removed_layers_with_measured_gates(tiny_dirs, text_file):
+    ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=0.6)
+    b = ctx.budget
+    assert b.n_fold >= 1
+    plan = get_method("foldgpt").run(ctx)
+    order = ctx.info["ranking"]["order"]
+    children = {c: g[0] for g in plan.groups for c in g[1:]}
+    assert len(order) == b.n_remove + b.n_fold
+    # deleted layers and children are exactly the greedy ranking's removals; parents are kept layers
+    assert sorted(plan.removed_layers() | set(children)) == sorted(order)
+    assert len(children) == b.n_fold and not set(children.values()) & set(order)
+    # every child's gate is the measured best of the grid (or 0 = deletion), never worse than deleting it
+    for c, p in children.items():
+        found = ctx.info["child_search"][f"{p}->{c}"]
+        assert plan.child_gates[str(c)] == found["gate"] in (0.0, *CHILD_GATE_GRID)
+        assert found["nll"] <= found["nll_deleted"]
+    student = applied(ctx, plan)
+    assert unique_params(student) == b.predicted_params <= b.target_params
+    for c in children:
+        layer = student.model.layers[plan.kept_layers().index(c)]
+        assert layer.child_gate.item() == pytest.approx(plan.child_gates[str(c)])
+        assert any(p is layer.child_gate for p in trainable_parameters(student, ctx.adapter, True))
+
+
+def test_greedy_ranking_equals_sleb_at_the_same_depth(tiny_dirs, text_file):
+    """FoldGPT's greedy ranking is the SLEB search (shared: in one process it runs once)."""
+    ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=0.6)
+    get_method("foldgpt").run(ctx)
+    total = ctx.budget.n_remove + ctx.budget.n_fold
+    sctx = make_ctx(tiny_dirs["llama"], text_file, "sleb", target=0.6)
+    sctx.budget.n_remove = total
+    greedy_mod._MEMO.clear()
+    sleb = get_method("sleb").run(sctx)
+    assert sorted(int(u) for u in sleb.removed) == sorted(ctx.info["ranking"]["order"])
+
+
+def test_greedy_search_is_reused_and_continued(tiny_dirs, text_file, monkeypatch):
+    ctx = make_ctx(tiny_dirs["llama"], text_file, "sleb", target=0.6)
+    greedy_mod._MEMO.clear()
+    calls = []
+    real = greedy_mod._search
+
+    def counting(*a, **k):
+        calls.append(len(a[-1][0]))  # how many steps it started from
+        return real(*a, **k)
+
+    monkeypatch.setattr(greedy_mod, "_search", counting)
+    costs = [1.0] * ctx.num_layers
+    two, nll2 = greedy_mod.greedy_removal(ctx, "layer", costs, 2, "t")
+    one, nll1 = greedy_mod.greedy_removal(ctx, "layer", costs, 1, "t")  # a prefix: no search
+    three, _ = greedy_mod.greedy_removal(ctx, "layer", costs, 3, "t")  # continues from the two steps
+    assert calls == [0, 2]
+    assert one == two[:1] and nll1 == nll2[:1] and three[:2] == two
+    greedy_mod._MEMO.clear()
+    fresh, _ = greedy_mod.greedy_removal(ctx, "layer", costs, 3, "t")
+    assert fresh == three
+
+
+@pytest.mark.parametrize("kind,plan_kw", [
+    ("llama", dict(removed=["1"], groups=[[4, 3]], child_gates={"3": 0.5})),  # the child sits below its parent
+    ("gemma3", dict(removed=["2"], groups=[[1, 0], [4, 3]], child_gates={"0": 0.25, "3": 0.75})),
+])
+def test_child_gates_save_load_and_dense_export(tiny_dirs, text_file, tmp_path, kind, plan_kw):
+    from transformers import AutoModelForCausalLM
+
+    from foldgpt.export import export_dense
+
+    model, _ = load_model(str(tiny_dirs[kind]))
+    kinds = get_adapter(model.config).layer_kinds(model.config)
+    plan = Plan(num_layers=6, model_type=model.config.model_type, layer_kinds=kinds, adapter_rank=2, **plan_kw)
+    assert plan.version == 3
+    res = foldgpt.compress(str(tiny_dirs[kind]), [str(text_file)], tmp_path / "o", fast_config(cure=False), plan=plan)
+    with torch.no_grad():
+        ref = res.model(input_ids=IDS).logits
+        loaded, _ = foldgpt.load(tmp_path / "o")
+        assert (loaded(input_ids=IDS).logits - ref).abs().max().item() <= 1e-5
+        gates = {c: loaded.model.layers[plan.kept_layers().index(int(c))].child_gate.item() for c in plan.child_gates}
+        assert gates == pytest.approx(plan.child_gates)
+        dense = AutoModelForCausalLM.from_pretrained(export_dense(tmp_path / "o", tmp_path / "dense"))
+        assert (dense(input_ids=IDS).logits - ref).abs().max().item() <= 1e-4
+    # a gate of 0.5 changes the function: the gate is not a no-op
+    half = Plan.from_dict({**plan.to_dict(), "child_gates": {c: 1.0 for c in plan.child_gates}})
+    full = foldgpt.compress(str(tiny_dirs[kind]), [str(text_file)], tmp_path / "f", fast_config(cure=False), plan=half)
+    with torch.no_grad():
+        assert (full.model(input_ids=IDS).logits - ref).abs().max().item() > 1e-3
+
+
+def test_plan_rejects_gates_on_non_children():
+    with pytest.raises(foldgpt.FoldGPTError, match="not a folded child"):
+        Plan(num_layers=4, model_type="llama", groups=[[0, 1]], child_gates={"2": 0.5})
+    with pytest.raises(foldgpt.FoldGPTError, match="parent, then"):
+        Plan(num_layers=4, model_type="llama", groups=[[1, 1]])
+
+
+def test_sublayer_unit_needs_gate_ranking(tiny_dirs, text_file, tmp_path):
+    with pytest.raises(foldgpt.FoldGPTError, match="--ranking gates"):
+        foldgpt.compress(str(tiny_dirs["llama"]), [str(text_file)], tmp_path / "o",
+                         fast_config(gate=foldgpt.GateConfig(unit="sublayer")))
+    assert not (tmp_path / "o").exists()
