@@ -5,7 +5,9 @@ e.g. while it is still running or after it was stopped:
 
 Several files (parts of one table run by separate commands on the same data) are merged in the order
 given: OUT.rows.jsonl files of running or stopped runs, or the results.json of a finished one; a row
-(method, target, cure) that appears twice, such as the dense row, is kept once.
+(method, target, cure) that appears twice, such as the dense row, is kept once (the first given).
+`--rename FILE:OLD=NEW` relabels the method OLD of the rows from FILE (e.g. a row measured under a name whose
+meaning later changed: `--rename parts/part1.rows.jsonl:foldgpt=foldgpt-gates`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ from foldgpt.bench import _plots, results_markdown
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("rows", nargs="+", help="one or more OUT.rows.jsonl files, then the output folder")
+    p.add_argument("--rename", action="append", default=[], metavar="FILE:OLD=NEW",
+                   help="relabel method OLD as NEW in the rows read from FILE (repeatable)")
     a = p.parse_args(argv)
+    renames: dict[tuple[str, str], str] = {}
+    for spec in a.rename:
+        path, _, pair = spec.rpartition(":")
+        old, sep, new = pair.partition("=")
+        if not path or not sep:
+            p.error(f"--rename {spec}: write FILE:OLD=NEW")
+        renames[(path, old)] = new
     *files, a.out = a.rows
     if not files:
         p.error("give at least one rows file and an output folder")
@@ -32,6 +43,7 @@ def main(argv=None) -> None:
         else:
             found = [json.loads(line) for line in text.splitlines() if line.strip()]
         for rec in found:
+            rec["row"]["method"] = renames.get((f, rec["row"]["method"]), rec["row"]["method"])
             key = (rec["row"]["method"], rec["row"]["target"], rec["row"]["cure"])
             if key not in seen:
                 seen.add(key)

@@ -32,8 +32,11 @@ log = logging.getLogger(__name__)
 # ablations of foldgpt: name -> (method, overrides of the config)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "foldgpt": ("foldgpt", {}),
-    "foldgpt-gates-only": ("foldgpt", {"remove_share": 1.0}),  # removal by gates, no sharing
-    "foldgpt-bi": ("foldgpt-bi", {}),  # BI ranking + sharing
+    # the paper's ranking: jointly trained gates, retained layers folded by measured cost, full-weight children
+    "foldgpt-gates": ("foldgpt", {"ranking": "gates", "fold.child_gates": False}),
+    "foldgpt-gates-only": ("foldgpt", {"ranking": "gates", "remove_share": 1.0, "fold.child_gates": False}),
+    "foldgpt-bi": ("foldgpt-bi", {"fold.child_gates": False}),  # BI ranking + sharing
+    "foldgpt-no-child-gates": ("foldgpt", {"fold.child_gates": False}),  # children start at full weight
     "foldgpt-no-norm": ("foldgpt", {"cure_cfg.train_all_norms": False, "cure_cfg.train_child_norms": False}),
     "foldgpt-no-tail": ("foldgpt", {"cure_cfg.beta_tail": 0.0}),
 }
