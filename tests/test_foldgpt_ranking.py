@@ -117,3 +117,12 @@ def test_sublayer_unit_needs_gate_ranking(tiny_dirs, text_file, tmp_path):
         foldgpt.compress(str(tiny_dirs["llama"]), [str(text_file)], tmp_path / "o",
                          fast_config(gate=foldgpt.GateConfig(unit="sublayer")))
     assert not (tmp_path / "o").exists()
+
+
+def test_compress_reports_child_gates_before_and_after_the_cure(tiny_dirs, text_file, tmp_path):
+    res = foldgpt.compress(str(tiny_dirs["llama"]), [str(text_file)], tmp_path / "o", fast_config(target_params=0.6))
+    gates = res.summary["child_gates"]
+    assert gates and set(gates) == set(res.plan.child_gates)
+    assert all(v["start"] == res.plan.child_gates[c] for c, v in gates.items())
+    assert any(v["end"] != v["start"] for v in gates.values())  # the cure trains them
+    assert foldgpt.api.info(tmp_path / "o")["child_gates"] == gates

@@ -288,6 +288,7 @@ def _summary(s: Session, student, plan, loss_before_cure, cure_info, cfg, budget
         "depth": len(adapter.layers(student)),
         "removed": plan.removed,
         "groups": plan.groups,
+        "child_gates": _child_gates(student, adapter, plan),
         "calib_loss_dense": s.dense_loss(),
         "calib_loss_before_cure": loss_before_cure,
         "calib_loss": calibration_loss(student, s.held()),
@@ -296,6 +297,13 @@ def _summary(s: Session, student, plan, loss_before_cure, cure_info, cfg, budget
         "trainable_params": cure_info.get("trainable_params", 0),
         "budget": {"n_remove": budget.n_remove, "n_fold": budget.n_fold},
     }
+
+
+def _child_gates(student, adapter, plan: Plan) -> dict[str, dict]:
+    """Each child's branch gate (by original layer): the measured start and the value after the cure."""
+    layers, kept = adapter.layers(student), plan.kept_layers()
+    return {c: {"start": g0, "end": round(float(layers[kept.index(int(c))].child_gate), 4)}
+            for c, g0 in plan.child_gates.items()}
 
 
 def summary_table(s: dict) -> str:
@@ -480,6 +488,7 @@ def info(path: str | Path) -> dict:
         "positions": len(layout["kept"]),
         "removed": plan.get("removed", []),
         "groups": plan.get("groups", []),
+        "child_gates": summary.get("child_gates") or plan.get("child_gates") or None,
         "adapter_rank": layout.get("adapter_rank", 0),
         "base_params": summary.get("base_params"),
         "unique_params": summary.get("unique_params"),

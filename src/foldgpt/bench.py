@@ -209,7 +209,8 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
                     "unique_params": run.summary["unique_params"], "params_ratio": run.summary["params_ratio"],
                     "flops_ratio": flops_per_token(run.student, session.adapter, eval_seq_len)
                     / flops_per_token(session.dense, session.adapter, eval_seq_len),
-                    "removed": run.plan.removed, "groups": run.plan.groups, "seconds": seconds, **ev,
+                    "removed": run.plan.removed, "groups": run.plan.groups,
+                    "child_gates": run.summary.get("child_gates", {}), "seconds": seconds, **ev,
                     "eval_seconds": time.perf_counter() - t,
                 })
                 log.info("bench: %s", {k: rows[-1][k] for k in ("method", "target", "cure", "perplexity")})
