@@ -87,15 +87,19 @@ def child_search(ctx: Context, gone: set[int], pairs: list[tuple[int, int]]) -> 
         base[2 * layer : 2 * layer + 2] = 0
     stream = StreamedNLL(ctx.model, ctx.adapter, ids, ctx.model.device)
     out: dict[tuple[int, int], tuple] = {}
+    deleted_nll: dict[tuple, float] = {}  # the NLL with the child deleted, once per distinct state
     try:
         with gates.set(base):
             stream.refresh()
         for p, c in tqdm(pairs, desc="Child gates", leave=False):
             without = base.clone()
             without[2 * c : 2 * c + 2] = 0
-            with gates.set(without):
-                best = (stream.nll(c), 0.0)
-            deleted = best[0]
+            key = tuple(without.tolist())
+            if key not in deleted_nll:
+                with gates.set(without):
+                    deleted_nll[key] = stream.nll(c)
+            deleted = deleted_nll[key]
+            best = (deleted, 0.0)
             with borrowed_weights(layers[c], layers[p], paths):
                 for g in CHILD_GATE_GRID:
                     trial = base.clone()
