@@ -70,6 +70,7 @@ def test_greedy_search_is_reused_and_continued(tiny_dirs, text_file, monkeypatch
     one, nll1 = greedy_mod.greedy_removal(ctx, "layer", costs, 1, "t")  # a prefix: no search
     three, _ = greedy_mod.greedy_removal(ctx, "layer", costs, 3, "t")  # continues from the two steps
     assert calls == [0, 2]
+    assert ctx.info["reused_search_seconds"] > 0  # a reuse reports what the search cost when it ran
     assert one == two[:1] and nll1 == nll2[:1] and three[:2] == two
     greedy_mod._MEMO.clear()
     fresh, _ = greedy_mod.greedy_removal(ctx, "layer", costs, 3, "t")

@@ -9,6 +9,7 @@ the CPU and one block at a time runs on the device."""
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import Callable
 
@@ -34,8 +35,9 @@ def calibration_nll(model, ids: torch.Tensor, batch_size: int = 4) -> float:
 
 
 # Finished greedy searches, so methods that share one (SLEB and FoldGPT's ranking in one bench) run it once.
-# key -> (weak reference to the model, removal order, NLLs). Each step depends only on the steps before it,
-# so a longer search's prefix is a shorter search's answer, and a shorter one can be continued.
+# key -> (weak reference to the model, removal order, NLLs, seconds spent up to each step). Each step depends
+# only on the steps before it, so a longer search's prefix is a shorter search's answer, and a shorter one can
+# be continued.
 _MEMO: dict[tuple, tuple] = {}
 
 
@@ -54,25 +56,30 @@ def greedy_removal(ctx: Context, unit: str, costs: list[float], need: float, lab
     key = _memo_key(ctx, unit, costs, ids)
     start: tuple[list[int], list[float]] = ([], [])
     hit = _MEMO.get(key)
+    clock: list[float] = []
     if not whole_forward and hit is not None and hit[0]() is ctx.model:
-        order, nlls = hit[1], hit[2]
+        order, nlls, clock = hit[1], hit[2], hit[3]
         saved, n = 0.0, 0
         while n < len(order) and saved < need - 1e-9:
             saved += costs[order[n]]
             n += 1
         if saved >= need - 1e-9:
             log.info("%s: reusing an earlier greedy search of this model and calibration set", label)
+            ctx.info["reused_search_seconds"] = clock[n - 1]  # what the search cost when it ran
             return list(order[:n]), list(nlls[:n])
         start = (list(order), list(nlls))
-    removed, nlls = _search(ctx, unit, costs, need, label, ids, whole_forward, start)
+        ctx.info["reused_search_seconds"] = clock[-1] if clock else 0.0
+    removed, nlls, steps = _search(ctx, unit, costs, need, label, ids, whole_forward, start)
     if not whole_forward:
+        base = clock[-1] if clock else 0.0
         _MEMO.clear()  # one model at a time: do not keep scores of models that are gone
-        _MEMO[key] = (weakref.ref(ctx.model), list(removed), list(nlls))
+        _MEMO[key] = (weakref.ref(ctx.model), list(removed), list(nlls), list(clock) + [base + t for t in steps])
     return removed, nlls
 
 
 def _search(ctx: Context, unit: str, costs: list[float], need: float, label: str, ids: torch.Tensor,
-            whole_forward: bool, start: tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
+            whole_forward: bool, start: tuple[list[int], list[float]]) -> tuple[list[int], list[float], list[float]]:
+    """The search from the `start` removals; also returns the seconds elapsed at the end of each new step."""
     names = unit_names(ctx.num_layers, unit)
     layer_of = [int(n.split(".")[0]) for n in names]
     prot = ctx.protected()
@@ -89,6 +96,7 @@ def _search(ctx: Context, unit: str, costs: list[float], need: float, label: str
     for u in removed:
         alive[u] = 0
     saved = sum(costs[u] for u in removed)
+    t0, steps = time.perf_counter(), []
     try:
         bar = tqdm(total=need, initial=saved, desc=label, leave=False)
         while saved < need - 1e-9:
@@ -110,6 +118,7 @@ def _search(ctx: Context, unit: str, costs: list[float], need: float, label: str
             alive[best[1]] = 0
             removed.append(best[1])
             nlls.append(best[0])
+            steps.append(time.perf_counter() - t0)
             saved += costs[best[1]]
             bar.update(costs[best[1]])
             log.info("%s: removed %s (calibration NLL %.4f)", label, names[best[1]], best[0])
@@ -118,4 +127,4 @@ def _search(ctx: Context, unit: str, costs: list[float], need: float, label: str
         gates.remove()
         if stream is not None:
             stream.close()
-    return removed, nlls
+    return removed, nlls, steps
