@@ -302,7 +302,7 @@ def _summary(s: Session, student, plan, loss_before_cure, cure_info, cfg, budget
 def _child_gates(student, adapter, plan: Plan) -> dict[str, dict]:
     """Each child's branch gate (by original layer): the measured start and the value after the cure."""
     layers, kept = adapter.layers(student), plan.kept_layers()
-    return {c: {"start": g0, "end": round(float(layers[kept.index(int(c))].child_gate), 4)}
+    return {c: {"start": g0, "end": round(layers[kept.index(int(c))].child_gate.detach().item(), 4)}
             for c, g0 in plan.child_gates.items()}
 
 
