@@ -71,9 +71,10 @@ def choose_groups(ctx: Context, removed: list[str]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def child_search(ctx: Context, gone: set[int], pairs: list[tuple[int, int]]) -> dict[tuple[int, int], tuple]:
+def child_search(ctx: Context, gone: set[int], pairs: list[tuple[int, int]],
+                 grid: tuple[float, ...] = CHILD_GATE_GRID) -> dict[tuple[int, int], tuple]:
     """For each (parent, child) pair, the calibration NLL with `gone` layers deleted and the child running
-    the parent's Linears (own norms) with both branches scaled by g, for g in CHILD_GATE_GRID.
+    the parent's Linears (own norms) with both branches scaled by g, for g in `grid`.
     Returns {(parent, child): (best NLL, best g, NLL with the child deleted)}; each trial reruns only
     the layers from the child on (streaming.StreamedNLL)."""
     from ..streaming import StreamedNLL
@@ -101,7 +102,7 @@ def child_search(ctx: Context, gone: set[int], pairs: list[tuple[int, int]]) -> 
             deleted = deleted_nll[key]
             best = (deleted, 0.0)
             with borrowed_weights(layers[c], layers[p], paths):
-                for g in CHILD_GATE_GRID:
+                for g in grid:
                     trial = base.clone()
                     trial[2 * c : 2 * c + 2] = g
                     with gates.set(trial):
@@ -137,7 +138,8 @@ def greedy_fold(ctx: Context) -> tuple[list[str], list[list[int]], dict[str, flo
     kept = [i for i in range(ctx.num_layers) if i not in gone]
     kinds = ctx.adapter.layer_kinds(ctx.model.config)
     pairs = [(p, c) for c in sorted(gone) for p in neighbours(c, kept, kinds)]
-    found = child_search(ctx, gone, pairs)
+    # without child gates a child runs at full weight, so that is the value its choice is measured at
+    found = child_search(ctx, gone, pairs, CHILD_GATE_GRID if ctx.cfg.fold.child_gates else (1.0,))
     ctx.info["child_search"] = {f"{p}->{c}": {"nll": v[0], "gate": v[1], "nll_deleted": v[2]}
                                 for (p, c), v in found.items()}
     capacity = {p: ctx.cfg.fold.group_size - 1 for p in kept}
@@ -147,7 +149,7 @@ def greedy_fold(ctx: Context) -> tuple[list[str], list[list[int]], dict[str, flo
             break
         if c in children or capacity[p] == 0:
             continue
-        children[c] = (p, g if ctx.cfg.fold.child_gates else 1.0)
+        children[c] = (p, g)
         capacity[p] -= 1
     if len(children) < b.n_fold:
         log.warning("could fold only %d of %d children (not enough same-kind neighbours); deleting the rest",
@@ -163,13 +165,14 @@ def greedy_fold(ctx: Context) -> tuple[list[str], list[list[int]], dict[str, flo
 
 def measured_child_gates(ctx: Context, removed: list[str], groups: list[list[int]]) -> dict[str, float]:
     """Initial gate of each child of `groups` (any ranking): the CHILD_GATE_GRID value with the lowest
-    calibration NLL, each child measured with the removals in place and the other children at full weight."""
+    calibration NLL (0 where none beats deletion), each child measured with the removals in place and the other
+    children running their own weights."""
     if not groups or not ctx.cfg.fold.child_gates:
         return {}
     gone = {int(u) for u in removed if "." not in u}
     pairs = [(g[0], c) for g in groups for c in g[1:]]
     found = child_search(ctx, gone, pairs)
-    return {str(c): found[(p, c)][1] if found[(p, c)][0] < found[(p, c)][2] else 0.0 for p, c in pairs}
+    return {str(c): found[(p, c)][1] for p, c in pairs}
 
 
 def run(ctx: Context) -> Plan:
