@@ -23,8 +23,8 @@ def capture_hidden(model: nn.Module, adapter: Adapter):
     def pre(module, args, kwargs):
         store.append((args[0] if args else kwargs["hidden_states"]).detach())
 
-    def post(module, args, kwargs, output):
-        store.append((output[0] if isinstance(output, tuple) else output).detach())
+    def post(module, args, kwargs, output):  # layers spread over devices (a placement): gather on h_0's
+        store.append((output[0] if isinstance(output, tuple) else output).detach().to(store[0].device))
 
     handles = [layers[0].register_forward_pre_hook(pre, with_kwargs=True)]
     handles += [layer.register_forward_hook(post, with_kwargs=True) for layer in layers]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import __version__
+from . import __version__, placement
 from .adapters import get_adapter
 from .analysis import analysis_dict, similarity
 from .budget import plan_budget
@@ -174,9 +174,12 @@ def prepare(model: str, text: list[str] | str | None, cfg: CompressConfig,
     timer = Timer()
     with timer.stage("Loading", 1, 6):
         dense, tok = load_model(model, convert_cache)
-        if not cfg.streaming:  # streaming keeps the model on the CPU and moves one block at a time
-            dense.to(cfg.device)
         adapter = get_adapter(dense.config)
+        if cfg.device_map:  # layers spread over devices or offloaded to the CPU, moved in as they run
+            placement.apply(dense, adapter, placement.plan(dense, adapter, cfg.device_map, cfg.device,
+                                                           cfg.max_memory))
+        elif not cfg.streaming:  # streaming keeps the model on the CPU and moves one block at a time
+            dense.to(cfg.device)
         bos = needs_bos(tok, adapter.needs_bos)
         ids = tokenize(tok, corpus.text)
         calib = calibration_batches(ids, cfg.calib_seqs, cfg.seq_len, cfg.seed, tok.bos_token_id if bos else None)
@@ -235,6 +238,7 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> Met
         }
         student = clone_sharing_weights(s.dense)
         apply_plan_(student, the_plan, s.adapter, seed=cfg.seed)
+        traffic = placement.follow(student, s.adapter, s.dense)  # each layer where the weights it borrows live
     held = s.held()
     do_cure = method.cures_by_default if cfg.cure is None else cfg.cure
     with timer.stage("Curing", 4, 6):
@@ -245,6 +249,10 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> Met
         summary = _summary(s, student, the_plan, loss_before_cure, cure_info, cfg, budget, do_cure)
     summary["seconds"] = timer.seconds
     summary["source"] = s.source
+    if traffic is not None:
+        where = placement.placement_of(student)
+        summary["placement"] = {"main": where.main, "layers": where.homes, "offload_copied_bytes": traffic.copied,
+                                "offload_peak_bytes": traffic.peak_alive}
     return MethodRun(the_plan, student, summary, ctx.info, cure_info)
 
 
@@ -406,7 +414,8 @@ def _model_card(s: dict, plan: Plan, source: str, folder: Path) -> str:
 def evaluate(models: list[str] | str, text: list[str] | str | None, seq_len: int = 512,
              max_tokens: int | None = None, json_out: str | Path | None = None, batch_size: int = 4,
              tasks: list[str] | None = None, task_limit: int | None = None, cloze: int = 0,
-             lm_eval: list[str] | None = None) -> list[dict]:
+             lm_eval: list[str] | None = None, device: str = "cpu", device_map: str | None = None,
+             max_memory: str | None = None) -> list[dict]:
     """Perplexity (and bits per byte) of one or more models on the same text, plus zero-shot tasks:
     multiple choice (BIG-bench task.json / JSONL), a cloze task built from the text, lm-eval tasks.
     Mirrors `foldgpt eval`."""
@@ -421,6 +430,10 @@ def evaluate(models: list[str] | str, text: list[str] | str | None, seq_len: int
     for name in models:
         model, tok = load_model(name)
         adapter = get_adapter(model.config)
+        if device_map:
+            placement.apply(model, adapter, placement.plan(model, adapter, device_map, device, max_memory))
+        else:
+            model.to(device)
         bos = needs_bos(tok, adapter.needs_bos)
         row: dict = {"model": name, "unique_params": unique_params(model)}
         if corpus is not None:

@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--json", default=None)
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    e.add_argument("--device-map", choices=["auto", "offload"], default=None,
+                   help="auto: layers spread over the GPUs (the rest offloaded); offload: layers copied to --device "
+                        "as they run")
+    e.add_argument("--max-memory", default=None, metavar="SPEC", help="with --device-map auto, e.g. cuda:0=30GiB,cpu=64GiB")
 
     b = sub.add_parser("bench", help="every method at every target on the same data: one table")
     b.add_argument("model")
@@ -129,6 +134,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--streaming", action="store_true",
                    help="analysis and SLEB/BlockPruner scores layer by layer on --device, model kept on the CPU")
+    p.add_argument("--device-map", choices=["auto", "offload"], default=None,
+                   help="auto: spread the layers over the GPUs (what does not fit is offloaded to the CPU); "
+                        "offload: every layer stays on the CPU and is copied to --device while it runs")
+    p.add_argument("--max-memory", default=None, metavar="SPEC",
+                   help="with --device-map auto: memory per device for the layers, e.g. cuda:0=30GiB,cpu=200GiB "
+                        "(cpu present: offload the rest; default: 90%% of each GPU's free memory)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="autocast for gate training and fold costs (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--cure-precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
@@ -147,7 +158,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def _run_kwargs(args) -> tuple[dict, dict, dict]:
     """(CompressConfig, GateConfig, CureConfig) keyword arguments from _add_run_args' options."""
     memory = {"micro_batch": args.micro_batch, "grad_checkpointing": args.grad_checkpointing}
-    return ({"device": args.device, "precision": args.precision, "streaming": args.streaming}, memory,
+    return ({"device": args.device, "precision": args.precision, "streaming": args.streaming,
+             "device_map": args.device_map, "max_memory": args.max_memory}, memory,
             {"precision": args.cure_precision, "lora_rank": args.cure_lora_rank, "teacher_cache": args.teacher_cache,
              "teacher_topk": args.teacher_topk, **memory})
 
@@ -197,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
             rows = evaluate(args.models, args.text, args.seq_len, args.max_tokens, args.json, args.batch_size,
                             [t for t in args.tasks.split(",") if t], args.task_limit, args.cloze,
-                            [t for t in args.lm_eval.split(",") if t])
+                            [t for t in args.lm_eval.split(",") if t], device=args.device,
+                            device_map=args.device_map, max_memory=args.max_memory)
             print(eval_table(rows))
             return 0
         if args.cmd == "bench":

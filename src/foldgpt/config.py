@@ -96,6 +96,8 @@ class CompressConfig:
     device: str = "cpu"  # "cuda", "cuda:1", "mps"...: where the model runs
     precision: str = "auto"  # autocast for gate training and fold costs (the cure has its own setting)
     streaming: bool = False  # analysis and greedy scores layer by layer on `device`, the model kept on the CPU
+    device_map: str | None = None  # "auto": layers spread over the GPUs (overflow offloaded); "offload": all on CPU
+    max_memory: str | None = None  # with device_map auto: "cuda:0=30GiB,cuda:1=30GiB,cpu=200GiB"
     cure: bool | None = None  # None: the method's default (foldgpt cures, peers do not)
     gate: GateConfig = field(default_factory=GateConfig)
     fold: FoldConfig = field(default_factory=FoldConfig)
@@ -115,6 +117,11 @@ class CompressConfig:
         _check(self.calib_seqs >= 1, "calibration sequences must be >= 1")
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"),
                f"precision must be auto, fp32, bf16 or fp16, got '{self.precision}'")
+        _check(self.device_map in (None, "auto", "offload"),
+               f"--device-map must be 'auto' or 'offload', got '{self.device_map}'")
+        _check(not (self.device_map and self.streaming),
+               "--streaming and --device-map both place layers; use one (--device-map also trains and cures)")
+        _check(self.max_memory is None or self.device_map == "auto", "--max-memory needs --device-map auto")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,6 +16,7 @@ from .analysis import capture_hidden
 from .config import CureConfig
 from .gates import kl_div
 from .lora import MergeableLoRA, unique_linears
+from .placement import has_offloaded
 from .precision import autocast, resolve, set_checkpointing
 from .structure import SharedLinear
 from .teacher_cache import TeacherCache, topk_kl
@@ -150,7 +151,10 @@ def _cure_loop(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches
     g = torch.Generator().manual_seed(seed + 1)
     order = torch.randperm(len(batches), generator=g)
     student.train(False)  # no dropout: distillation is deterministic
-    checkpointing = cfg.grad_checkpointing and set_checkpointing(student, True)
+    offloaded = has_offloaded(student)
+    if offloaded and not cfg.grad_checkpointing:
+        log.info("cure: activation checkpointing on, so offloaded weights stay on the device one layer at a time")
+    checkpointing = (cfg.grad_checkpointing or offloaded) and set_checkpointing(student, True)
     micro = cfg.micro_batch or cfg.batch_size
     rank, world = _dist_info()
     if world > 1:

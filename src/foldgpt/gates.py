@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .config import GateConfig
+from .placement import has_offloaded
 from .precision import set_checkpointing
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def train_gates(model: nn.Module, adapter: Adapter, batches: torch.Tensor, to_re
     rounds = max(1, cfg.rounds)
     steps_per_round = max(1, cfg.steps // rounds)
     micro = cfg.micro_batch or cfg.batch_size
-    checkpointing = cfg.grad_checkpointing and set_checkpointing(model, True)
+    checkpointing = (cfg.grad_checkpointing or has_offloaded(model)) and set_checkpointing(model, True)
     try:
         bar = tqdm(total=steps_per_round * rounds, desc="Gate training", leave=False)
         for r in range(rounds):

@@ -57,7 +57,8 @@ class MergeableLoRA:
     def _hook(A: nn.Parameter, B: nn.Parameter):
         def hook(module, args, out):
             x = args[0]
-            return out + ((x @ A.t().to(x.dtype)) @ B.t().to(x.dtype)).to(out.dtype)
+            a, b = A.t().to(x.device, x.dtype), B.t().to(x.device, x.dtype)  # an offloaded layer runs elsewhere
+            return out + ((x @ a) @ b).to(out.dtype)
         return hook
 
     def parameters(self) -> list[nn.Parameter]:

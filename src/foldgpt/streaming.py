@@ -16,6 +16,7 @@ from torch import nn
 
 from .adapters import Adapter
 from .analysis import cosine_matrix_sums
+from .placement import is_placed, placement_of
 
 
 class _Catcher(nn.Module):
@@ -114,15 +115,22 @@ class StreamedNLL:
     def __init__(self, model: nn.Module, adapter: Adapter, ids: torch.Tensor, device: str | torch.device):
         self.model, self.adapter, self.device = model, adapter, torch.device(device)
         self.offload = next(model.parameters()).device
-        self.ids = ids.to(self.offload)
+        where = placement_of(model)
+        if where is not None:  # a placed model moves its layers' inputs and weights itself (--device-map)
+            self.device, self.offload = torch.device(where.main), torch.device("cpu")
+        self.ids = ids.to(next(model.parameters()).device)
         self.h0, self.calls = layer_inputs(model, adapter, self.ids)
         self.inputs: list[torch.Tensor] = []
-        for m in (model.model.norm, model.get_output_embeddings()):
+        self._head_home = [next(m.parameters()).device for m in self._head()]
+        for m in self._head():
             m.to(self.device)
 
+    def _head(self) -> tuple[nn.Module, nn.Module]:
+        return self.model.model.norm, self.model.get_output_embeddings()
+
     def close(self) -> None:
-        for m in (self.model.model.norm, self.model.get_output_embeddings()):
-            m.to(self.offload)
+        for m, home in zip(self._head(), self._head_home):
+            m.to(home)
 
     def _run(self, start: int, h: torch.Tensor, keep: list | None = None) -> torch.Tensor:
         h = h.to(self.device)
@@ -131,10 +139,15 @@ class StreamedNLL:
                 keep.append(h.to(self.offload))
             layer = self.adapter.layers(self.model)[i]
             args, kwargs = self.calls[i]
-            layer.to(self.device)
-            out = layer(h, *[_to(a, self.device) for a in args], **{k: _to(v, self.device) for k, v in kwargs.items()})
+            args, kwargs = [_to(a, self.device) for a in args], {k: _to(v, self.device) for k, v in kwargs.items()}
+            if is_placed(layer):
+                out = layer(h, *args, **kwargs)
+            else:  # a plain layer (or a trial child built for this search): on the device while it runs
+                home = next(layer.parameters()).device
+                layer.to(self.device)
+                out = layer(h, *args, **kwargs)
+                layer.to(home)
             h = out[0] if isinstance(out, tuple) else out
-            layer.to(self.offload)
         return h
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ def init_lowrank_(shared: SharedLinear, own: nn.Linear | None, init: str, seed: 
         return
     with torch.no_grad():
         if init == "svd" and own is not None:
-            delta = (own.weight - shared.base.weight).float()  # (out, in)
+            delta = (own.weight.to(shared.base.weight.device) - shared.base.weight).float()  # (out, in)
             u, s, vh = torch.linalg.svd(delta, full_matrices=False)
             r = min(shared.rank, s.numel())  # a rank above min(out, in) pads with zeros
             root = s[:r].sqrt()

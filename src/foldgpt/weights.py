@@ -15,4 +15,8 @@ def clone_sharing_weights(model: nn.Module) -> nn.Module:
         if isinstance(mod, (nn.Linear, nn.Embedding)):
             for p in mod.parameters(recurse=False):
                 memo[id(p)] = p
-    return copy.deepcopy(model, memo)
+    clone = copy.deepcopy(model, memo)
+    from .placement import remove
+
+    remove(clone)  # a placement's hooks belong to the original (place the clone with placement.follow)
+    return clone
