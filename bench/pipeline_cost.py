@@ -57,6 +57,9 @@ def main(argv=None) -> dict:
     p.add_argument("--grad-checkpointing", action="store_true", help="in gate training and the cure")
     p.add_argument("--micro-batch", type=int, default=0, help="in gate training and the cure")
     p.add_argument("--teacher-cache", action="store_true", help="cure from the on-disk top-k teacher cache")
+    p.add_argument("--device-map", choices=["auto", "offload"], default=None,
+                   help="place the layers (offload: on the CPU, copied to --device as they run)")
+    p.add_argument("--method", default="foldgpt", help="any foldgpt method (a peer is cured too)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     # random weights give tiny activations deep in the stack: without this, denormal floats make the CPU
@@ -69,13 +72,18 @@ def main(argv=None) -> dict:
     from foldgpt.api import Session, run_method
     from foldgpt.config import CompressConfig, CureConfig, GateConfig
     from foldgpt.data import Corpus, _builtin_text, calibration_batches, tokenize
+    from foldgpt.placement import apply as place
+    from foldgpt.placement import plan as plan_placement
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     gpu = a.device.startswith("cuda")
     over = {"num_hidden_layers": a.layers} if a.layers else {}
     t0 = time.perf_counter()
     with PeakRSS() as mem_load:
-        model = random_model(a.shape, dtype, a.device, **over)
+        model = random_model(a.shape, dtype, "cpu" if a.device_map else a.device, **over)
+        if a.device_map:
+            place(model, get_adapter(model.config), plan_placement(model, get_adapter(model.config), a.device_map,
+                                                                   a.device))
     load_s = time.perf_counter() - t0
     tok = byte_tokenizer()
     text = _builtin_text()
@@ -91,7 +99,8 @@ def main(argv=None) -> dict:
     an_s = time.perf_counter() - t0
     an_gpu = torch.cuda.max_memory_allocated() if gpu else None
     session = Session(a.shape, model, tok, adapter, True, calib, sim, analysis_dict(sim), Corpus(text, ["python-docs"]))
-    cfg = CompressConfig(target_params=0.75, seq_len=a.seq_len, calib_seqs=a.calib_seqs, device=a.device,
+    cfg = CompressConfig(method=a.method, cure=True, target_params=0.75, seq_len=a.seq_len, calib_seqs=a.calib_seqs,
+                         device=a.device, device_map=a.device_map,
                          gate=GateConfig(steps=a.gate_steps, rounds=min(5, a.gate_steps), batch_size=a.batch_size,
                                          micro_batch=a.micro_batch, grad_checkpointing=a.grad_checkpointing),
                          cure_cfg=CureConfig(steps=a.cure_steps, batch_size=a.batch_size, warmup=1,
@@ -112,8 +121,8 @@ def main(argv=None) -> dict:
         "cure": {"seconds": sec.get("Curing"), "tokens_per_s": a.cure_steps * tokens / max(sec.get("Curing", 1), 1e-9)},
         "measure": {"seconds": sec.get("Measuring")},
     }
-    out = {"shape": a.shape, "layers": model.config.num_hidden_layers,
-           "device": a.device, "dtype": a.dtype, "params": sum(p.numel() for p in model.parameters()),
+    out = {"shape": a.shape, "layers": model.config.num_hidden_layers, "method": a.method,
+           "device": a.device, "device_map": a.device_map, "placement": run.summary.get("placement"), "dtype": a.dtype, "params": sum(p.numel() for p in model.parameters()),
            "weight_bytes": weight_bytes, "stages": stages, "peak_rss_run": mem_run.peak,
            "peak_gpu_run": torch.cuda.max_memory_allocated() if gpu else None,
            "unique_params_after": run.summary["unique_params"], "removed": run.plan.removed, "groups": run.plan.groups}

@@ -3,6 +3,7 @@ numbers as a model in one place while holding one layer's weights on the device 
 
 import pytest
 import torch
+from helpers import fast_config
 
 import foldgpt
 from foldgpt import placement as P
@@ -13,7 +14,6 @@ from foldgpt.plan import Plan
 from foldgpt.precision import set_checkpointing
 from foldgpt.structure import apply_plan_
 from foldgpt.weights import clone_sharing_weights
-from helpers import fast_config
 
 
 def test_parse_sizes_and_max_memory():

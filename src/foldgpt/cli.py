@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device-map", choices=["auto", "offload"], default=None,
                    help="auto: layers spread over the GPUs (the rest offloaded); offload: layers copied to --device "
                         "as they run")
-    e.add_argument("--max-memory", default=None, metavar="SPEC", help="with --device-map auto, e.g. cuda:0=30GiB,cpu=64GiB")
+    e.add_argument("--max-memory", default=None, metavar="SPEC",
+                   help="with --device-map auto, e.g. cuda:0=30GiB,cpu=64GiB")
 
     b = sub.add_parser("bench", help="every method at every target on the same data: one table")
     b.add_argument("model")

@@ -56,7 +56,8 @@ def parse_max_memory(spec: str | dict | None) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, eq, size = part.partition("=")
         if not eq:
-            raise FoldGPTError(f"--max-memory entry '{part}' has no '='; write DEVICE=SIZE, e.g. cuda:0=30GiB,cpu=64GiB")
+            raise FoldGPTError(f"--max-memory entry '{part}' has no '='; write DEVICE=SIZE, "
+                               "e.g. cuda:0=30GiB,cpu=64GiB")
         out[_device_name(name.strip())] = parse_size(size)
     return out
 
@@ -314,7 +315,8 @@ def plan(model: nn.Module, adapter: Adapter, device_map: str, device: str = "cpu
     --max-memory allows cpu (or names no limits at all)."""
     sizes, groups, rest = layer_bytes(model, adapter)
     if device_map == OFFLOAD and max_memory:
-        raise FoldGPTError("--max-memory goes with --device-map auto; --device-map offload keeps every layer on the CPU")
+        raise FoldGPTError("--max-memory goes with --device-map auto; --device-map offload keeps every layer on "
+                           "the CPU")
     if device_map == OFFLOAD:
         return Placement(str(torch.device(device)), [OFFLOAD] * len(sizes))
     if device_map != "auto":
@@ -333,7 +335,7 @@ def follow(student: nn.Module, adapter: Adapter, dense: nn.Module) -> _Traffic |
         return None
     home_of = {id(t): h for layer, h in zip(adapter.layers(dense), src.homes) for t in _tensors(layer)}
     homes = []
-    for i, layer in enumerate(adapter.layers(student)):
+    for layer in adapter.layers(student):
         found = [home_of[id(t)] for t in _tensors(layer) if id(t) in home_of]
         homes.append(max(set(found), key=found.count) if found else src.main)
     return apply(student, adapter, Placement(src.main, homes))
