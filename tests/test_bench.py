@@ -36,3 +36,14 @@ def test_method_specs_with_config_overrides():
                      ("foldgpt[fold.adapter_rank=-1]", "rank")):
         with pytest.raises(FoldGPTError, match=msg):
             variant_config(bad, CompressConfig(), 0.75, None)
+
+
+def test_resume_matches_rows_written_before_an_option_was_added():
+    from foldgpt.bench import _same_command
+
+    old = {"model": "m", "base": {"seed": 0, "cure_cfg": {"steps": 4}}}
+    assert _same_command(old, {"model": "m", "base": {"seed": 0, "device_map": None, "cure_cfg": {"steps": 4}}})
+    assert not _same_command(old, {"model": "m", "base": {"seed": 0, "device_map": "offload",
+                                                          "cure_cfg": {"steps": 4}}})
+    assert not _same_command(old, {"model": "m", "base": {"seed": 1, "cure_cfg": {"steps": 4}}})
+    assert not _same_command(old, {"model": "m", "base": {"cure_cfg": {"steps": 4}}})  # an option gone

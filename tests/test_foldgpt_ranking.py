@@ -77,6 +77,32 @@ def test_greedy_search_is_reused_and_continued(tiny_dirs, text_file, monkeypatch
     assert fresh == three
 
 
+def test_a_stopped_greedy_search_continues_from_disk(tiny_dirs, text_file, monkeypatch, tmp_path):
+    ctx = make_ctx(tiny_dirs["llama"], text_file, "sleb", target=0.6)
+    calls = []
+    real = greedy_mod._search
+
+    def counting(*a, **k):
+        calls.append(len(a[-1][0]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(greedy_mod, "_search", counting)
+    monkeypatch.setattr(greedy_mod, "SEARCH_DIR", tmp_path / "search")
+    costs = [1.0] * ctx.num_layers
+    greedy_mod._MEMO.clear()
+    two, _ = greedy_mod.greedy_removal(ctx, "layer", costs, 2, "t")
+    assert len(list((tmp_path / "search").glob("search-*.json"))) == 1
+    greedy_mod._MEMO.clear()  # a new process: only the file is left
+    again, _ = greedy_mod.greedy_removal(ctx, "layer", costs, 2, "t")
+    three, _ = greedy_mod.greedy_removal(ctx, "layer", costs, 3, "t")
+    assert calls == [0, 2] and again == two and three[:2] == two
+    other = make_ctx(tiny_dirs["llama"], text_file, "sleb", target=0.6)
+    other.calib = other.calib.flip(0)  # other windows: another file
+    greedy_mod._MEMO.clear()
+    greedy_mod.greedy_removal(other, "layer", costs, 1, "t")
+    assert calls[-1] == 0 and len(list((tmp_path / "search").glob("search-*.json"))) == 2
+
+
 @pytest.mark.parametrize("kind,plan_kw", [
     ("llama", dict(removed=["1"], groups=[[4, 3]], child_gates={"3": 0.5})),  # the child sits below its parent
     ("gemma3", dict(removed=["2"], groups=[[1, 0], [4, 3]], child_gates={"0": 0.25, "3": 0.75})),

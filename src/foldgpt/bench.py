@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import re
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from .config import CompressConfig
 from .data import load_text, tokenize
 from .errors import FoldGPTError
 from .evaluate import perplexity
-from .methods import get_method
+from .methods import get_method, greedy
 from .plan import Plan, write_json_atomic
 from .report import fmt_int, markdown_table, plot_xy, ppl
 from .structure import flops_per_token, unique_params
@@ -115,6 +116,15 @@ def _plan_key(cfg: CompressConfig) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+def _same_command(old, new) -> bool:
+    """Whether a saved row's command is this one; an option added to foldgpt since (a key only in `new`) matches
+    when it is unset (None), so rows written by an earlier version still resume."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return (all(k in new and _same_command(v, new[k]) for k, v in old.items())
+                and all(new[k] is None for k in new.keys() - old.keys()))
+    return old == new
+
+
 def rows_file(out: str | Path) -> Path:
     """Finished rows are appended here as they complete, so a stopped bench can `--resume`."""
     out = Path(out)
@@ -149,11 +159,15 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
     if resume and log_path.exists():
         for line in log_path.read_text().splitlines():
             rec = json.loads(line)
-            if rec.get("command") == json.loads(json.dumps(command)):
+            if _same_command(rec.get("command"), json.loads(json.dumps(command))):
                 done[(rec["row"]["method"], rec["row"]["target"], rec["row"]["cure"])] = rec["row"]
         log.info("bench: resuming with %d finished rows from %s", len(done), log_path)
     elif log_path.exists():
         log_path.unlink()
+    search_dir = Path(out).parent / f"{Path(out).name}.search"  # greedy searches, step by step (resumable)
+    if not resume and search_dir.exists():
+        shutil.rmtree(search_dir)
+    greedy.SEARCH_DIR = search_dir
 
     def finish(row: dict) -> None:
         rows.append(row)
@@ -223,6 +237,8 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
         (tmp / "results.md").write_text(results_markdown(rows, model))
         _plots(rows, tmp)
     log_path.unlink(missing_ok=True)
+    shutil.rmtree(search_dir, ignore_errors=True)
+    greedy.SEARCH_DIR = None
     return rows
 
 

@@ -8,16 +8,20 @@ the CPU and one block at a time runs on the device."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import FoldGPTError
 from ..gates import GateSet, unit_names
+from ..plan import write_json_atomic
 from . import Context
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,37 @@ def calibration_nll(model, ids: torch.Tensor, batch_size: int = 4) -> float:
 # only on the steps before it, so a longer search's prefix is a shorter search's answer, and a shorter one can
 # be continued.
 _MEMO: dict[tuple, tuple] = {}
+# Where finished steps are also written (`foldgpt bench` sets it beside its output), so a stopped run continues a
+# search instead of starting it again: one JSON file per search, named by a digest of what the search depends on.
+SEARCH_DIR: Path | None = None
+
+
+def _disk_key(ctx: Context, unit: str, costs: list[float], ids: torch.Tensor) -> str:
+    """A digest of the model (name, size, a few weights), the windows and the search's settings."""
+    h = hashlib.sha256()
+    first = next(iter(ctx.adapter.layers(ctx.model)[0].parameters()))
+    h.update(repr((getattr(ctx.model.config, "_name_or_path", ""), sum(p.numel() for p in ctx.model.parameters()),
+                   float(first.detach().float().flatten()[:4096].double().sum()), unit, [round(c, 6) for c in costs],
+                   sorted(ctx.protected()))).encode())
+    h.update(ids.cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _disk_load(name: str) -> tuple[list[int], list[float], list[float]] | None:
+    if SEARCH_DIR is None or not (SEARCH_DIR / name).is_file():
+        return None
+    try:
+        d = json.loads((SEARCH_DIR / name).read_text())
+        return list(d["order"]), list(d["nll"]), list(d["seconds"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _disk_save(name: str, order: list[int], nlls: list[float], seconds: list[float]) -> None:
+    if SEARCH_DIR is None:
+        return
+    SEARCH_DIR.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(SEARCH_DIR / name, {"order": order, "nll": nlls, "seconds": seconds})
 
 
 def _memo_key(ctx: Context, unit: str, costs: list[float], ids: torch.Tensor) -> tuple:
@@ -54,8 +89,12 @@ def greedy_removal(ctx: Context, unit: str, costs: list[float], need: float, lab
     `whole_forward` scores every trial with a whole forward pass instead (the reference path)."""
     ids = ctx.calib[: ctx.cfg.fold.cost_batch * 4]  # a few calibration windows
     key = _memo_key(ctx, unit, costs, ids)
+    disk = f"search-{_disk_key(ctx, unit, costs, ids)}.json" if SEARCH_DIR is not None and not whole_forward else ""
     start: tuple[list[int], list[float]] = ([], [])
     hit = _MEMO.get(key)
+    if (hit is None or hit[0]() is not ctx.model) and disk and (found := _disk_load(disk)) is not None:
+        log.info("%s: continuing the greedy search saved in %s", label, SEARCH_DIR / disk)
+        hit = (weakref.ref(ctx.model), *found)
     clock: list[float] = []
     if not whole_forward and hit is not None and hit[0]() is ctx.model:
         order, nlls, clock = hit[1], hit[2], hit[3]
@@ -69,16 +108,23 @@ def greedy_removal(ctx: Context, unit: str, costs: list[float], need: float, lab
             return list(order[:n]), list(nlls[:n])
         start = (list(order), list(nlls))
         ctx.info["reused_search_seconds"] = clock[-1] if clock else 0.0
-    removed, nlls, steps = _search(ctx, unit, costs, need, label, ids, whole_forward, start)
+    base = clock[-1] if clock else 0.0
+
+    def on_step(order: list[int], scores: list[float], steps: list[float]) -> None:
+        if disk:
+            _disk_save(disk, order, scores, list(clock) + [base + t for t in steps])
+
+    removed, nlls, steps = _search(ctx, unit, costs, need, label, ids, whole_forward, start, on_step=on_step)
     if not whole_forward:
-        base = clock[-1] if clock else 0.0
         _MEMO.clear()  # one model at a time: do not keep scores of models that are gone
         _MEMO[key] = (weakref.ref(ctx.model), list(removed), list(nlls), list(clock) + [base + t for t in steps])
     return removed, nlls
 
 
 def _search(ctx: Context, unit: str, costs: list[float], need: float, label: str, ids: torch.Tensor,
-            whole_forward: bool, start: tuple[list[int], list[float]]) -> tuple[list[int], list[float], list[float]]:
+            whole_forward: bool, start: tuple[list[int], list[float]],
+            on_step: Callable[[list[int], list[float], list[float]], None] | None = None,
+            ) -> tuple[list[int], list[float], list[float]]:
     """The search from the `start` removals; also returns the seconds elapsed at the end of each new step."""
     names = unit_names(ctx.num_layers, unit)
     layer_of = [int(n.split(".")[0]) for n in names]
@@ -121,6 +167,8 @@ def _search(ctx: Context, unit: str, costs: list[float], need: float, label: str
             steps.append(time.perf_counter() - t0)
             saved += costs[best[1]]
             bar.update(costs[best[1]])
+            if on_step is not None:
+                on_step(removed, nlls, steps)
             log.info("%s: removed %s (calibration NLL %.4f)", label, names[best[1]], best[0])
         bar.close()
     finally:
