@@ -122,7 +122,8 @@ def main(argv=None) -> dict:
         "measure": {"seconds": sec.get("Measuring")},
     }
     out = {"shape": a.shape, "layers": model.config.num_hidden_layers, "method": a.method,
-           "device": a.device, "device_map": a.device_map, "placement": run.summary.get("placement"), "dtype": a.dtype, "params": sum(p.numel() for p in model.parameters()),
+           "device": a.device, "device_map": a.device_map, "placement": run.summary.get("placement"),
+           "dtype": a.dtype, "params": sum(p.numel() for p in model.parameters()),
            "weight_bytes": weight_bytes, "stages": stages, "peak_rss_run": mem_run.peak,
            "peak_gpu_run": torch.cuda.max_memory_allocated() if gpu else None,
            "unique_params_after": run.summary["unique_params"], "removed": run.plan.removed, "groups": run.plan.groups}
