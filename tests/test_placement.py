@@ -124,3 +124,24 @@ def test_placement_options_fail_in_one_line(tiny_dirs, text_file, tmp_path):
             foldgpt.compress(str(tiny_dirs["llama"]), [str(text_file)], tmp_path / "o",
                              fast_config(device_map="auto"))
         assert not (tmp_path / "o").exists()
+
+
+def test_a_trial_fold_runs_where_the_borrowed_weights_live(tiny_dirs):
+    from foldgpt.fold import borrowed_weights
+
+    model, _ = load_model(str(tiny_dirs["llama"]))
+    adapter = get_adapter(model.config)
+    layers = adapter.layers(model)
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+    with borrowed_weights(layers[3], layers[2], adapter.linears):
+        ref = model(ids).logits
+    homes = ["cpu", "cpu", P.OFFLOAD, "cpu", "cpu", "cpu"]  # the parent (2) offloaded, the child (3) resident
+    traffic = P.apply(model, adapter, P.Placement("cpu", homes))
+    before = traffic.copied
+    with borrowed_weights(layers[3], layers[2], adapter.linears):
+        assert layers[3]._foldgpt_home == P.OFFLOAD
+        torch.testing.assert_close(model(ids).logits, ref)
+    assert layers[3]._foldgpt_home == "cpu"
+    # the parent's weights were copied in twice: for the parent and for the child borrowing them
+    sizes, _, _ = P.layer_bytes(model, adapter)
+    assert traffic.copied - before >= 2 * sizes[2] - 1024

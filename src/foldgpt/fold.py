@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .gates import kl_div
+from .placement import sharing_home
 from .structure import set_submodule
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,8 @@ def borrowed_weights(child: nn.Module, parent: nn.Module, paths: list[str]):
     for p in paths:
         set_submodule(child, p, parent.get_submodule(p))
     try:
-        yield
+        with sharing_home(child, parent):  # layers placed on different devices (--device-map)
+            yield
     finally:
         for p, m in saved.items():
             set_submodule(child, p, m)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -219,30 +220,58 @@ def _inputs_to(device):
     return pre
 
 
-def _swap_in(device, traffic: _Traffic):
-    @_mark
-    def pre(module, args, kwargs):
-        saved = []
-        for mod in module.modules():
-            for name, p in list(mod._parameters.items()):
-                if p is None:
-                    continue
-                copy = p.to(device, copy=True) if p.requires_grad else p.detach().to(device, copy=True)
-                traffic.track(copy)
-                saved.append((mod, name, p))
-                mod._parameters[name] = copy  # a plain tensor while the layer runs
-        module._foldgpt_swapped = saved
-        return _send(args, device), _send(kwargs, device)
-
-    return pre
+@_mark
+def _layer_pre(module, args, kwargs):
+    """A placed layer's pre-hook. Its home is read from the layer each call (`sharing_home` may change it)."""
+    home = module._foldgpt_home
+    if home != OFFLOAD:
+        dev = torch.device(home)
+        return _send(args, dev), _send(kwargs, dev)
+    device, traffic = module._foldgpt_main, module._foldgpt_traffic
+    saved = []
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            copy = p.to(device, copy=True) if p.requires_grad else p.detach().to(device, copy=True)
+            traffic.track(copy)
+            saved.append((mod, name, p))
+            mod._parameters[name] = copy  # a plain tensor while the layer runs
+    module._foldgpt_swapped = saved
+    return _send(args, device), _send(kwargs, device)
 
 
 @_mark
-def _swap_out(module, args, output):
+def _layer_post(module, args, output):
     for mod, name, p in reversed(getattr(module, "_foldgpt_swapped", [])):
         mod._parameters[name] = p
     module._foldgpt_swapped = []
     return output
+
+
+def _store(home: str) -> str:
+    return "cpu" if home == OFFLOAD else home
+
+
+@contextmanager
+def sharing_home(child: nn.Module, parent: nn.Module):
+    """While `child` runs `parent`'s matrices (a trial fold; enter after borrowing them), run it where the parent
+    lives: the child's own tensors move there and back. A no-op for unplaced layers or layers with the same home."""
+    mine, theirs = getattr(child, "_foldgpt_home", None), getattr(parent, "_foldgpt_home", None)
+    if mine is None or theirs is None or mine == theirs:
+        yield
+        return
+    borrowed = {id(t) for t in _tensors(parent)}
+    own = [t for t in _tensors(child) if id(t) not in borrowed]
+    for t in own:  # in place: the Parameter objects stay, so an optimizer or a teacher keeps pointing at them
+        t.data = t.data.to(_store(theirs))
+    child._foldgpt_home = theirs
+    try:
+        yield
+    finally:
+        child._foldgpt_home = mine
+        for t in own:
+            t.data = t.data.to(_store(mine))
 
 
 def apply(model: nn.Module, adapter: Adapter, placement: Placement) -> _Traffic:
@@ -263,13 +292,10 @@ def apply(model: nn.Module, adapter: Adapter, placement: Placement) -> _Traffic:
                         store[name] = t.to(main)
     traffic = _Traffic()
     for layer, home in zip(layers, placement.homes):
-        if home == OFFLOAD:
-            layer.to("cpu")
-            layer.register_forward_pre_hook(_swap_in(main, traffic), with_kwargs=True)
-            layer.register_forward_hook(_swap_out, always_call=True)
-        else:
-            layer.to(home)
-            layer.register_forward_pre_hook(_inputs_to(torch.device(home)), with_kwargs=True)
+        layer.to(_store(home))
+        layer._foldgpt_home, layer._foldgpt_main, layer._foldgpt_traffic = home, main, traffic
+        layer.register_forward_pre_hook(_layer_pre, with_kwargs=True)
+        layer.register_forward_hook(_layer_post, always_call=True)
     norm = getattr(model.model, "norm", None)
     for mod in filter(None, (norm, model.get_output_embeddings())):
         mod.register_forward_pre_hook(_inputs_to(main), with_kwargs=True)
@@ -288,9 +314,11 @@ def remove(model: nn.Module) -> None:
                 del hooks[k]
                 mod._forward_hooks_always_called.pop(k, None)
                 mod._forward_pre_hooks_with_kwargs.pop(k, None)
-    for attr in ("_foldgpt_placement", "_foldgpt_traffic"):
-        if attr in model.__dict__:
-            delattr(model, attr)
+        for attr in ("_foldgpt_home", "_foldgpt_main", "_foldgpt_traffic", "_foldgpt_swapped"):
+            if attr in mod.__dict__:
+                delattr(mod, attr)
+    if "_foldgpt_placement" in model.__dict__:
+        delattr(model, "_foldgpt_placement")
 
 
 def placement_of(model: nn.Module) -> Placement | None:
