@@ -195,15 +195,16 @@ class _Traffic:
         self.alive -= n
 
 
-def _send(v, device):
+def to_device(v, device):
+    """`v` (a tensor, or tuples / lists / dicts of them; anything else as is) on `device`."""
     if isinstance(v, torch.Tensor):
         return v.to(device)
     if isinstance(v, tuple):
-        return tuple(_send(x, device) for x in v)
+        return tuple(to_device(x, device) for x in v)
     if isinstance(v, list):
-        return [_send(x, device) for x in v]
+        return [to_device(x, device) for x in v]
     if isinstance(v, dict):
-        return {k: _send(x, device) for k, x in v.items()}
+        return {k: to_device(x, device) for k, x in v.items()}
     return v
 
 
@@ -215,7 +216,7 @@ def _mark(fn):
 def _inputs_to(device):
     @_mark
     def pre(module, args, kwargs):
-        return _send(args, device), _send(kwargs, device)
+        return to_device(args, device), to_device(kwargs, device)
 
     return pre
 
@@ -226,7 +227,7 @@ def _layer_pre(module, args, kwargs):
     home = module._foldgpt_home
     if home != OFFLOAD:
         dev = torch.device(home)
-        return _send(args, dev), _send(kwargs, dev)
+        return to_device(args, dev), to_device(kwargs, dev)
     device, traffic = module._foldgpt_main, module._foldgpt_traffic
     saved = []
     for mod in module.modules():
@@ -238,7 +239,7 @@ def _layer_pre(module, args, kwargs):
             saved.append((mod, name, p))
             mod._parameters[name] = copy  # a plain tensor while the layer runs
     module._foldgpt_swapped = saved
-    return _send(args, device), _send(kwargs, device)
+    return to_device(args, device), to_device(kwargs, device)
 
 
 @_mark

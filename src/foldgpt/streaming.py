@@ -16,7 +16,7 @@ from torch import nn
 
 from .adapters import Adapter
 from .analysis import cosine_matrix_sums
-from .placement import is_placed, placement_of
+from .placement import is_placed, placement_of, to_device
 
 
 class _Catcher(nn.Module):
@@ -64,21 +64,10 @@ def streamed_hidden_states(model: nn.Module, adapter: Adapter, ids: torch.Tensor
     for i, layer in enumerate(adapter.layers(model)):
         args, kwargs = calls[i]
         layer.to(device)
-        kwargs = {k: _to(v, device) for k, v in kwargs.items()}
-        out = layer(h, *[_to(a, device) for a in args], **kwargs)
+        out = layer(h, *to_device(list(args), device), **to_device(kwargs, device))
         h = out[0] if isinstance(out, tuple) else out
         layer.to(offload)
         yield i + 1, h.to(offload)
-
-
-def _to(v, device):
-    if isinstance(v, torch.Tensor):
-        return v.to(device)
-    if isinstance(v, tuple):
-        return tuple(_to(x, device) for x in v)
-    if isinstance(v, dict):
-        return {k: _to(x, device) for k, x in v.items()}
-    return v
 
 
 @torch.no_grad()
@@ -139,7 +128,7 @@ class StreamedNLL:
                 keep.append(h.to(self.offload))
             layer = self.adapter.layers(self.model)[i]
             args, kwargs = self.calls[i]
-            args, kwargs = [_to(a, self.device) for a in args], {k: _to(v, self.device) for k, v in kwargs.items()}
+            args, kwargs = to_device(list(args), self.device), to_device(kwargs, self.device)
             if is_placed(layer):
                 out = layer(h, *args, **kwargs)
             else:  # a plain layer (or a trial child built for this search): on the device while it runs
