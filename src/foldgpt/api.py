@@ -21,6 +21,7 @@ from .adapters import get_adapter
 from .analysis import analysis_dict, similarity
 from .budget import plan_budget
 from .config import CompressConfig
+from .cure import dist_info
 from .cure import cure as run_cure
 from .data import calibration_batches, load_text, needs_bos, tokenize
 from .errors import FoldGPTError
@@ -268,6 +269,12 @@ def compress(model: str, text: list[str] | str | None, out: str | Path, config: 
     session = prepare(model, text, cfg, convert_cache)
     run = run_method(session, cfg, given_plan)
     summary = run.summary
+    rank, world = dist_info()
+    if world > 1:
+        summary["distributed"] = {"world": world, **({"fsdp": run.cure_info["fsdp"]} if "fsdp" in run.cure_info
+                                                     else {})}
+    if rank != 0:  # under torchrun every process computes the same model; the first one writes it
+        return CompressResult(Path(out), run.plan, summary, summary_table(summary), run.student, session.tokenizer)
     t = time.perf_counter()
     log.info("(6/6): Saving")
     with atomic_dir(out, overwrite) as tmp:

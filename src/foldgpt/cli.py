@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 
 EPILOG = """quick start:
   foldgpt compress smollm2-135m --text my_corpus/ --target-params 0.75 --out small/
@@ -150,6 +151,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-cache", action="store_true",
                    help="compute the teacher's top-k log-probs and tail outputs once, on disk, before the cure")
     p.add_argument("--teacher-topk", type=int, default=64, help="k of the cached teacher distribution")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard each shared frozen matrix of the student across the processes in the "
+                        "cure (FSDP2); without it the cure is data-parallel with replicated weights")
     p.add_argument("--micro-batch", type=int, default=0,
                    help="gate training and cure micro-batch (gradient accumulation; less memory)")
     p.add_argument("--grad-checkpointing", action="store_true",
@@ -162,7 +166,7 @@ def _run_kwargs(args) -> tuple[dict, dict, dict]:
     return ({"device": args.device, "precision": args.precision, "streaming": args.streaming,
              "device_map": args.device_map, "max_memory": args.max_memory}, memory,
             {"precision": args.cure_precision, "lora_rank": args.cure_lora_rank, "teacher_cache": args.teacher_cache,
-             "teacher_topk": args.teacher_topk, **memory})
+             "teacher_topk": args.teacher_topk, "fsdp": args.fsdp, **memory})
 
 
 def _compress(args) -> int:
@@ -193,6 +197,36 @@ def _compress(args) -> int:
     return 0
 
 
+@contextmanager
+def _distributed(args):
+    """Under torchrun (WORLD_SIZE > 1): one process group for the data-parallel (or --fsdp) cure, each process on
+    its own GPU (cuda:LOCAL_RANK) with NCCL, or on the CPU with gloo; only rank 0 logs at INFO and writes."""
+    from .errors import FoldGPTError
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        if getattr(args, "fsdp", False):
+            raise FoldGPTError("--fsdp shards the cure across processes: launch with "
+                               "torchrun --nproc-per-node N -m foldgpt.cli compress ... (N >= 2)")
+        yield
+        return
+    import torch
+    import torch.distributed as dist
+
+    gpu = args.device.startswith("cuda")
+    if gpu:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    dist.init_process_group("nccl" if gpu else "gloo")
+    if dist.get_rank() != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import FoldGPTError
 
@@ -204,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args.cmd == "compress":
-            return _compress(args)
+            with _distributed(args):
+                return _compress(args)
         if args.cmd == "eval":
             from .api import eval_table, evaluate
 

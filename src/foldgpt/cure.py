@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from .gates import kl_div
 from .lora import MergeableLoRA, unique_linears
 from .placement import has_offloaded
 from .precision import autocast, resolve, set_checkpointing
+from .sharding import sharded_linears
 from .structure import SharedLinear
 from .teacher_cache import TeacherCache, topk_kl
 
@@ -95,7 +97,7 @@ def _distill_loss(student: nn.Module, teacher: nn.Module | None, adapter: Adapte
     return loss, kl.detach(), tail.detach()
 
 
-def _dist_info() -> tuple[int, int]:
+def dist_info() -> tuple[int, int]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -120,21 +122,29 @@ def cure(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torc
          seed: int = 0) -> dict:
     """Distil `teacher` into the trainable small parameters of `student`. Returns a summary."""
     params = trainable_parameters(student, adapter, cfg.train_all_norms, cfg.train_child_norms)
+    if cfg.steps == 0 or (not params and cfg.lora_rank == 0):
+        return {"trainable_params": sum(p.numel() for p in params), "steps": 0, "history": []}
+    shard = sharded_linears(student, adapter, student.device) if cfg.fsdp else nullcontext({})
     lora = None
-    if cfg.lora_rank > 0 and cfg.steps > 0:
-        lora = MergeableLoRA(unique_linears(student, adapter), cfg.lora_rank, seed=seed + 2)
-        params = params + lora.parameters()
-    n_train = sum(p.numel() for p in params)
-    log.info("cure: %d trainable parameters (%s), %d steps of %d x %d tokens, %s", n_train,
-             f"norms, deltas and rank-{cfg.lora_rank} adapters merged afterwards" if lora else "norms and deltas",
-             cfg.steps, cfg.batch_size, batches.shape[1], resolve(cfg.precision, student.device))
-    if cfg.steps == 0 or not params:
-        return {"trainable_params": n_train, "steps": 0, "history": []}
-    try:
-        return _cure_loop(student, teacher, adapter, batches, cfg, seed, params, n_train)
-    finally:
-        if lora is not None:
-            lora.merge_()
+    with shard as originals:
+        if cfg.lora_rank > 0:  # on the sharded copies under --fsdp; merged into the originals below
+            lora = MergeableLoRA(unique_linears(student, adapter), cfg.lora_rank, seed=seed + 2)
+            params = params + lora.parameters()
+        n_train = sum(p.numel() for p in params)
+        log.info("cure: %d trainable parameters (%s), %d steps of %d x %d tokens, %s", n_train,
+                 f"norms, deltas and rank-{cfg.lora_rank} adapters merged afterwards" if lora else "norms and deltas",
+                 cfg.steps, cfg.batch_size, batches.shape[1], resolve(cfg.precision, student.device))
+        try:
+            info = _cure_loop(student, teacher, adapter, batches, cfg, seed, params, n_train)
+        finally:
+            if lora is not None:
+                lora.remove()
+    if lora is not None:
+        lora.linears = [originals.get(id(lin), lin) for lin in lora.linears]
+        lora.merge_()
+    if cfg.fsdp:
+        info["fsdp"] = student.__dict__.pop("_foldgpt_fsdp")
+    return info
 
 
 def _schedule(step: int, cfg: CureConfig, order: torch.Tensor, n: int, rank: int, world: int) -> list[int]:
@@ -156,7 +166,7 @@ def _cure_loop(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches
         log.info("cure: activation checkpointing on, so offloaded weights stay on the device one layer at a time")
     checkpointing = (cfg.grad_checkpointing or offloaded) and set_checkpointing(student, True)
     micro = cfg.micro_batch or cfg.batch_size
-    rank, world = _dist_info()
+    rank, world = dist_info()
     if world > 1:
         log.info("cure: data parallel over %d processes (rank %d)", world, rank)
     cache = None
