@@ -21,8 +21,8 @@ from .adapters import get_adapter
 from .analysis import analysis_dict, similarity
 from .budget import plan_budget
 from .config import CompressConfig
-from .cure import dist_info
 from .cure import cure as run_cure
+from .cure import dist_info
 from .data import calibration_batches, load_text, needs_bos, tokenize
 from .errors import FoldGPTError
 from .evaluate import perplexity
