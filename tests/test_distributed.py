@@ -93,7 +93,8 @@ def test_fsdp_needs_several_processes(tiny_dirs, text_file):
 
 
 def test_compress_under_torchrun_with_fsdp(tiny_dirs, text_file, tmp_path):
-    """`torchrun --nproc-per-node 2 -m foldgpt.cli compress ... --fsdp` on the CPU (gloo): one output folder,
+    """`torchrun --nproc-per-node 2 -m foldgpt.cli compress ... --fsdp --device-map offload` on the CPU (gloo):
+    one output folder,
     written by rank 0, whose summary says the cure ran sharded over two processes; without torchrun, --fsdp
     is a one-line error."""
     import json
@@ -104,7 +105,7 @@ def test_compress_under_torchrun_with_fsdp(tiny_dirs, text_file, tmp_path):
 
     out = tmp_path / "o"
     args = ["compress", str(tiny_dirs["llama"]), "--text", str(text_file), "--out", str(out), "--target-params",
-            "0.6", "--fsdp", *FAST[:-1], "3"]
+            "0.6", "--fsdp", "--device-map", "offload", *FAST[:-1], "3"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", str(_free_port()), "-m", "foldgpt.cli", *args],
@@ -114,4 +115,5 @@ def test_compress_under_torchrun_with_fsdp(tiny_dirs, text_file, tmp_path):
     assert summary["distributed"]["world"] == 2
     fsdp = summary["distributed"]["fsdp"]
     assert fsdp["params_local"] * 2 == fsdp["params_full"]
+    assert set(summary["placement"]["layers"]) == {"offload"}  # with the layers offloaded too
     assert_clean_error(run_cli(*[a if a != str(out) else tmp_path / "p" for a in args]), tmp_path / "p", "torchrun")

@@ -221,6 +221,10 @@ def _inputs_to(device):
     return pre
 
 
+def _is_sharded(mod: nn.Module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in mod.parameters(recurse=False))
+
+
 @_mark
 def _layer_pre(module, args, kwargs):
     """A placed layer's pre-hook. Its home is read from the layer each call (`sharing_home` may change it)."""
@@ -231,6 +235,8 @@ def _layer_pre(module, args, kwargs):
     device, traffic = module._foldgpt_main, module._foldgpt_traffic
     saved = []
     for mod in module.modules():
+        if _is_sharded(mod):  # an FSDP-sharded matrix (--fsdp) gathers itself onto its device
+            continue
         for name, p in list(mod._parameters.items()):
             if p is None:
                 continue
