@@ -42,7 +42,9 @@ def test_resume_matches_rows_written_before_an_option_was_added():
     from foldgpt.bench import _same_command
 
     old = {"model": "m", "base": {"seed": 0, "cure_cfg": {"steps": 4}}}
-    assert _same_command(old, {"model": "m", "base": {"seed": 0, "device_map": None, "cure_cfg": {"steps": 4}}})
+    assert _same_command(old, {"model": "m", "base": {"seed": 0, "device_map": None,
+                                                      "cure_cfg": {"steps": 4, "fsdp": False}}})
+    assert not _same_command(old, {"model": "m", "base": {"seed": 0, "cure_cfg": {"steps": 4, "fsdp": True}}})
     assert not _same_command(old, {"model": "m", "base": {"seed": 0, "device_map": "offload",
                                                           "cure_cfg": {"steps": 4}}})
     assert not _same_command(old, {"model": "m", "base": {"seed": 1, "cure_cfg": {"steps": 4}}})

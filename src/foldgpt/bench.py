@@ -118,10 +118,10 @@ def _plan_key(cfg: CompressConfig) -> str:
 
 def _same_command(old, new) -> bool:
     """Whether a saved row's command is this one; an option added to foldgpt since (a key only in `new`) matches
-    when it is unset (None), so rows written by an earlier version still resume."""
+    when it is off (None or False), so rows written by an earlier version still resume."""
     if isinstance(old, dict) and isinstance(new, dict):
         return (all(k in new and _same_command(v, new[k]) for k, v in old.items())
-                and all(new[k] is None for k in new.keys() - old.keys()))
+                and all(new[k] is None or new[k] is False for k in new.keys() - old.keys()))
     return old == new
 
 
