@@ -33,9 +33,10 @@ AUTO_MAP = {
 
 
 def dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with each storage once (first key wins): no two saved tensors share memory."""
+    """State dict with each storage once (first key wins): no two saved tensors share memory. On the CPU,
+    wherever the layers ran (a GPU, several under --device-map)."""
     aliases = alias_keys(model)
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in aliases}
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases}
 
 
 def base_config_dict(model: nn.Module, num_layers: int, layer_kinds: list[str]) -> dict:
