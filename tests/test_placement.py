@@ -145,3 +145,17 @@ def test_a_trial_fold_runs_where_the_borrowed_weights_live(tiny_dirs):
     # the parent's weights were copied in twice: for the parent and for the child borrowing them
     sizes, _, _ = P.layer_bytes(model, adapter)
     assert traffic.copied - before >= 2 * sizes[2] - 1024
+
+
+def test_eval_with_offloaded_layers_gives_the_same_perplexity(tiny_dirs, eval_file, tmp_path):
+    import json
+
+    from test_errors import run_cli
+
+    out = {}
+    for name, extra in (("plain", []), ("offload", ["--device-map", "offload"])):
+        path = tmp_path / f"{name}.json"
+        proc = run_cli("eval", tiny_dirs["gemma3"], "--text", eval_file, "--seq-len", "32", "--json", path, *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[name] = json.loads(path.read_text())[0]["perplexity"]
+    assert out["offload"] == pytest.approx(out["plain"], rel=1e-5)
