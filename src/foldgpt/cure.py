@@ -124,9 +124,9 @@ def cure(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torc
     params = trainable_parameters(student, adapter, cfg.train_all_norms, cfg.train_child_norms)
     if cfg.steps == 0 or (not params and cfg.lora_rank == 0):
         return {"trainable_params": sum(p.numel() for p in params), "steps": 0, "history": []}
-    shard = sharded_linears(student, adapter, student.device) if cfg.fsdp else nullcontext({})
+    shard = sharded_linears(student, adapter, student.device) if cfg.fsdp else nullcontext(({}, None))
     lora = None
-    with shard as originals:
+    with shard as (originals, sharding):
         if cfg.lora_rank > 0:  # on the sharded copies under --fsdp; merged into the originals below
             lora = MergeableLoRA(unique_linears(student, adapter), cfg.lora_rank, seed=seed + 2)
             params = params + lora.parameters()
@@ -142,8 +142,8 @@ def cure(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torc
     if lora is not None:
         lora.linears = [originals.get(id(lin), lin) for lin in lora.linears]
         lora.merge_()
-    if cfg.fsdp:
-        info["fsdp"] = student.__dict__.pop("_foldgpt_fsdp")
+    if sharding is not None:
+        info["fsdp"] = sharding
     return info
 
 

@@ -25,7 +25,7 @@ import logging
 import re
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -182,7 +182,6 @@ class _Traffic:
     copied: int = 0
     alive: int = 0
     peak_alive: int = 0
-    finalizers: list = field(default_factory=list)
 
     def track(self, t: torch.Tensor) -> None:
         n = t.numel() * t.element_size()
@@ -307,7 +306,6 @@ def apply(model: nn.Module, adapter: Adapter, placement: Placement) -> _Traffic:
     for mod in filter(None, (norm, model.get_output_embeddings())):
         mod.register_forward_pre_hook(_inputs_to(main), with_kwargs=True)
     model._foldgpt_placement = placement
-    model._foldgpt_traffic = traffic
     log.info("placement: %s; the rest on %s", placement.describe(), placement.main)
     return traffic
 

@@ -35,7 +35,8 @@ def _replace_modules_(root: nn.Module, mapping: dict[int, nn.Module]) -> None:
 
 @contextmanager
 def sharded_linears(student: nn.Module, adapter: Adapter, device: torch.device | str):
-    """Within the block, the student's unique Linears are FSDP-sharded copies. Yields {id(copy): original}."""
+    """Within the block, the student's unique Linears are FSDP-sharded copies. Yields ({id(copy): original},
+    sharding stats)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -63,9 +64,8 @@ def sharded_linears(student: nn.Module, adapter: Adapter, device: torch.device |
     local = sum(p.to_local().numel() for c in to_copy.values() for p in c.parameters())
     log.info("cure: %d shared matrices sharded over %d processes (%d of %d parameters on this one)",
              len(originals), dist.get_world_size(), local, full)
-    student._foldgpt_fsdp = {"world": dist.get_world_size(), "matrices": len(originals),
-                             "params_full": full, "params_local": local}
+    stats = {"world": dist.get_world_size(), "matrices": len(originals), "params_full": full, "params_local": local}
     try:
-        yield {id(c): lin for c, lin in ((to_copy[id(lin)], lin) for lin in originals)}
+        yield back, stats
     finally:
         _replace_modules_(student, back)

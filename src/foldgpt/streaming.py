@@ -131,7 +131,7 @@ class StreamedNLL:
             args, kwargs = to_device(list(args), self.device), to_device(kwargs, self.device)
             if is_placed(layer):
                 out = layer(h, *args, **kwargs)
-            else:  # a plain layer (or a trial child built for this search): on the device while it runs
+            else:  # an unplaced model: the layer sits on the device only while it runs
                 home = next(layer.parameters()).device
                 layer.to(self.device)
                 out = layer(h, *args, **kwargs)
