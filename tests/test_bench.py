@@ -49,3 +49,33 @@ def test_resume_matches_rows_written_before_an_option_was_added():
                                                           "cure_cfg": {"steps": 4}}})
     assert not _same_command(old, {"model": "m", "base": {"seed": 1, "cure_cfg": {"steps": 4}}})
     assert not _same_command(old, {"model": "m", "base": {"cure_cfg": {"steps": 4}}})  # an option gone
+
+
+def test_resume_reapplies_the_plan_of_a_finished_row(tiny_dirs, text_file, eval_file, tmp_path, monkeypatch):
+    """A bench stopped after 'shortgpt' finished continues with 'shortgpt + cure' on the saved plan (no
+    re-planning: for the greedy methods that is the hour-long part), and leaves no search folder behind."""
+    import foldgpt.bench as fb
+    from foldgpt.methods import greedy
+
+    real_eval, real_run = fb._evaluate, fb.run_method
+    calls = {"eval": 0, "plans": []}
+
+    def stop_at_third_eval(*a, **k):
+        calls["eval"] += 1
+        if calls["eval"] == 3:  # dense, shortgpt, then stop while evaluating shortgpt + cure
+            raise KeyboardInterrupt
+        return real_eval(*a, **k)
+
+    args = (str(tiny_dirs["llama"]), ["shortgpt"], [0.8], [str(text_file)], [str(eval_file)], tmp_path / "b")
+    kw = dict(cure=True, base=fast_config(), eval_seq_len=32)
+    monkeypatch.setattr(fb, "_evaluate", stop_at_third_eval)
+    with pytest.raises(KeyboardInterrupt):
+        bench(*args, **kw)
+    assert greedy.SEARCH_DIR is None and not (tmp_path / "b").exists()
+    monkeypatch.setattr(fb, "_evaluate", real_eval)
+    monkeypatch.setattr(fb, "run_method", lambda s, cfg, plan=None: calls["plans"].append(plan) or
+                        real_run(s, cfg, plan))
+    rows = bench(*args, **kw, resume=True)
+    assert [(r["method"], r["cure"]) for r in rows] == [("dense", False), ("shortgpt", False), ("shortgpt", True)]
+    assert len(calls["plans"]) == 1 and calls["plans"][0] is not None  # only the cured row ran, on the saved plan
+    assert calls["plans"][0].removed == rows[1]["removed"] == rows[2]["removed"]

@@ -8,6 +8,7 @@ perplexity (eval file name -> perplexity), bits_per_byte, tasks (task -> accurac
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import re
@@ -113,7 +114,7 @@ def _plan_key(cfg: CompressConfig) -> str:
     d = cfg.to_dict()
     d.pop("cure")
     d.pop("cure_cfg")
-    return json.dumps(d, sort_keys=True)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _same_command(old, new) -> bool:
@@ -155,90 +156,93 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
                "cloze": cloze, "eval_seq_len": eval_seq_len, "eval_max_tokens": eval_max_tokens,
                "base": base.to_dict()}
     done: dict[tuple, dict] = {}
+    plans: dict[str, tuple[Plan, float]] = {}  # plan key -> (plan, seconds it took to make)
     log_path = rows_file(out)
     if resume and log_path.exists():
         for line in log_path.read_text().splitlines():
             rec = json.loads(line)
             if _same_command(rec.get("command"), json.loads(json.dumps(command))):
                 done[(rec["row"]["method"], rec["row"]["target"], rec["row"]["cure"])] = rec["row"]
-        log.info("bench: resuming with %d finished rows from %s", len(done), log_path)
+                if "plan" in rec:  # a later row that differs only in the cure re-applies it instead of re-planning
+                    plans[rec["plan"]["key"]] = (Plan.from_dict(rec["plan"]["plan"]), rec["plan"]["seconds"])
+        log.info("bench: resuming with %d finished rows (%d plans) from %s", len(done), len(plans), log_path)
     elif log_path.exists():
         log_path.unlink()
     search_dir = Path(out).parent / f"{Path(out).name}.search"  # greedy searches, step by step (resumable)
     if not resume and search_dir.exists():
         shutil.rmtree(search_dir)
     greedy.SEARCH_DIR = search_dir
+    try:
+        def finish(row: dict, plan: dict | None = None) -> None:
+            rows.append(row)
+            if (row["method"], row["target"], row["cure"]) not in done:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"command": command, "row": row, **({"plan": plan} if plan else {})}) + "\n")
 
-    def finish(row: dict) -> None:
-        rows.append(row)
-        if (row["method"], row["target"], row["cure"]) not in done:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"command": command, "row": row}) + "\n")
+        session = prepare(model, text, base)
+        tok, bos = session.tokenizer, session.bos
+        eval_ids = {}
+        for spec in eval_text:
+            eval_ids[Path(spec).name] = tokenize(tok, load_text([spec], split="test").text)
+        cloze_set = None
+        if cloze:
+            from .tasks import cloze_examples
 
-    session = prepare(model, text, base)
-    tok, bos = session.tokenizer, session.bos
-    eval_ids = {}
-    for spec in eval_text:
-        eval_ids[Path(spec).name] = tokenize(tok, load_text([spec], split="test").text)
-    cloze_set = None
-    if cloze:
-        from .tasks import cloze_examples
-
-        cloze_set = {"examples": cloze_examples(load_text([eval_text[0]]).text, n=cloze, seed=base.seed)}
-    rows: list[dict] = []
-    if ("dense", 1.0, False) in done:
-        finish(done[("dense", 1.0, False)])
-    else:
-        t = time.perf_counter()
-        dense_eval = _evaluate(session.dense, tok, bos, eval_ids, eval_seq_len, eval_max_tokens, tasks, task_limit,
-                               cloze_set)
-        finish({"method": "dense", "target": 1.0, "cure": False, "unique_params": unique_params(session.dense),
-                "params_ratio": 1.0, "flops_ratio": 1.0, "seconds": 0.0, **dense_eval,
-                "eval_seconds": time.perf_counter() - t})
-    plans: dict[str, tuple[Plan, float]] = {}  # plan key -> (plan, seconds it took to make)
-    for target in targets:
-        for name in methods:
-            method = parse_variant(name)[0]
-            cures_by_default = get_method(method).cures_by_default
-            modes = [True] if cures_by_default else ([False, True] if cure else [False])
-            for do_cure in modes:
-                if (name, target, do_cure) in done:
-                    finish(done[(name, target, do_cure)])
-                    continue
-                cfg = variant_config(name, base, target, do_cure)
-                key = _plan_key(cfg)
-                log.info("bench: %s at %.2f%s%s", name, target, " + cure" if do_cure else "",
-                         " (plan reused)" if key in plans else "")
-                t = time.perf_counter()
-                plan, plan_seconds = plans.get(key, (None, 0.0))
-                run = run_method(session, cfg, plan)
-                # a greedy search reused from an earlier row counts in this row's compression time too
-                seconds = time.perf_counter() - t + plan_seconds + run.info.get("reused_search_seconds", 0.0)
-                if plan is None:
-                    plans[key] = (run.plan, run.summary["seconds"].get("Planning", 0.0)
-                                  + run.info.get("reused_search_seconds", 0.0))
-                t = time.perf_counter()
-                ev = _evaluate(run.student, tok, bos, eval_ids, eval_seq_len, eval_max_tokens, tasks, task_limit,
-                               cloze_set)
-                finish({
-                    "method": name, "target": target, "cure": do_cure,
-                    "unique_params": run.summary["unique_params"], "params_ratio": run.summary["params_ratio"],
-                    "flops_ratio": flops_per_token(run.student, session.adapter, eval_seq_len)
-                    / flops_per_token(session.dense, session.adapter, eval_seq_len),
-                    "removed": run.plan.removed, "groups": run.plan.groups,
-                    "child_gates": run.summary.get("child_gates", {}), "seconds": seconds, **ev,
-                    "eval_seconds": time.perf_counter() - t,
-                })
-                log.info("bench: %s", {k: rows[-1][k] for k in ("method", "target", "cure", "perplexity")})
-                del run
-    with atomic_dir(out, overwrite) as tmp:
-        write_json_atomic(tmp / "results.json", rows)
-        write_json_atomic(tmp / "command.json", command)
-        (tmp / "results.md").write_text(results_markdown(rows, model))
-        _plots(rows, tmp)
-    log_path.unlink(missing_ok=True)
-    shutil.rmtree(search_dir, ignore_errors=True)
-    greedy.SEARCH_DIR = None
+            cloze_set = {"examples": cloze_examples(load_text([eval_text[0]]).text, n=cloze, seed=base.seed)}
+        rows: list[dict] = []
+        if ("dense", 1.0, False) in done:
+            finish(done[("dense", 1.0, False)])
+        else:
+            t = time.perf_counter()
+            dense_eval = _evaluate(session.dense, tok, bos, eval_ids, eval_seq_len, eval_max_tokens, tasks, task_limit,
+                                   cloze_set)
+            finish({"method": "dense", "target": 1.0, "cure": False, "unique_params": unique_params(session.dense),
+                    "params_ratio": 1.0, "flops_ratio": 1.0, "seconds": 0.0, **dense_eval,
+                    "eval_seconds": time.perf_counter() - t})
+        for target in targets:
+            for name in methods:
+                method = parse_variant(name)[0]
+                cures_by_default = get_method(method).cures_by_default
+                modes = [True] if cures_by_default else ([False, True] if cure else [False])
+                for do_cure in modes:
+                    if (name, target, do_cure) in done:
+                        finish(done[(name, target, do_cure)])
+                        continue
+                    cfg = variant_config(name, base, target, do_cure)
+                    key = _plan_key(cfg)
+                    log.info("bench: %s at %.2f%s%s", name, target, " + cure" if do_cure else "",
+                             " (plan reused)" if key in plans else "")
+                    t = time.perf_counter()
+                    plan, plan_seconds = plans.get(key, (None, 0.0))
+                    run = run_method(session, cfg, plan)
+                    # a greedy search reused from an earlier row counts in this row's compression time too
+                    seconds = time.perf_counter() - t + plan_seconds + run.info.get("reused_search_seconds", 0.0)
+                    if plan is None:
+                        plans[key] = (run.plan, run.summary["seconds"].get("Planning", 0.0)
+                                      + run.info.get("reused_search_seconds", 0.0))
+                    t = time.perf_counter()
+                    ev = _evaluate(run.student, tok, bos, eval_ids, eval_seq_len, eval_max_tokens, tasks, task_limit,
+                                   cloze_set)
+                    finish({
+                        "method": name, "target": target, "cure": do_cure,
+                        "unique_params": run.summary["unique_params"], "params_ratio": run.summary["params_ratio"],
+                        "flops_ratio": flops_per_token(run.student, session.adapter, eval_seq_len)
+                        / flops_per_token(session.dense, session.adapter, eval_seq_len),
+                        "removed": run.plan.removed, "groups": run.plan.groups,
+                        "child_gates": run.summary.get("child_gates", {}), "seconds": seconds, **ev,
+                        "eval_seconds": time.perf_counter() - t,
+                    }, plan={"key": key, "plan": plans[key][0].to_dict(), "seconds": plans[key][1]})
+                    log.info("bench: %s", {k: rows[-1][k] for k in ("method", "target", "cure", "perplexity")})
+                    del run
+        with atomic_dir(out, overwrite) as tmp:
+            write_json_atomic(tmp / "results.json", rows)
+            write_json_atomic(tmp / "command.json", command)
+            (tmp / "results.md").write_text(results_markdown(rows, model))
+            _plots(rows, tmp)
+        log_path.unlink(missing_ok=True)
+        shutil.rmtree(search_dir, ignore_errors=True)
+    finally:  # a failed run must not leave later runs writing their searches there
+        greedy.SEARCH_DIR = None
     return rows
 
 
