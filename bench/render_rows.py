@@ -48,7 +48,7 @@ def main(argv=None) -> None:
             if key not in seen:
                 seen.add(key)
                 recs.append(rec)
-    rows = [r["row"] for r in recs]
+    rows = sorted((r["row"] for r in recs), key=lambda row: -row["target"])  # dense, then each target (stable)
     model = next((r["command"]["model"] for r in recs if r["command"]), "model")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
