@@ -79,3 +79,39 @@ def test_resume_reapplies_the_plan_of_a_finished_row(tiny_dirs, text_file, eval_
     assert [(r["method"], r["cure"]) for r in rows] == [("dense", False), ("shortgpt", False), ("shortgpt", True)]
     assert len(calls["plans"]) == 1 and calls["plans"][0] is not None  # only the cured row ran, on the saved plan
     assert calls["plans"][0].removed == rows[1]["removed"] == rows[2]["removed"]
+
+
+def test_cure_seed_variant_reuses_the_plan_of_a_row_written_without_one(tiny_dirs, text_file, eval_file, tmp_path,
+                                                                        monkeypatch):
+    """Rows written before rows carried their plan still lend it (rebuilt from the removed layers, groups and child
+    gate starts) to a cure-only variant such as 'foldgpt[cure_cfg.seed=1]', which runs only with the cure; the
+    rebuilt plan gives the same model (unique parameters) and a different cure seed gives a different result."""
+    import json
+
+    import foldgpt.bench as fb
+
+    real_run = fb.run_method
+    args = (str(tiny_dirs["llama"]), ["foldgpt", "random"], [0.8], [str(text_file)], [str(eval_file)])
+    kw = dict(cure=True, base=fast_config(), eval_seq_len=32)
+    bench(*args, tmp_path / "a", **kw)
+    # the same rows as an older foldgpt wrote them: no plan
+    log = fb.rows_file(tmp_path / "b")
+    first = json.loads((tmp_path / "a" / "results.json").read_text())
+    command = json.loads((tmp_path / "a" / "command.json").read_text())
+    log.write_text("".join(json.dumps({"command": command, "row": r}) + "\n" for r in first))
+    plans = []
+    monkeypatch.setattr(fb, "run_method", lambda s, cfg, plan=None: plans.append((cfg, plan)) or real_run(s, cfg, plan))
+    rows = bench(*args[:1], ["foldgpt", "random", "foldgpt[cure_cfg.seed=1]", "random[cure_cfg.seed=1]"],
+                 *args[2:], tmp_path / "b", **kw, resume=True)
+    new = rows[len(first):]
+    assert [(r["method"], r["cure"]) for r in new] == [("foldgpt[cure_cfg.seed=1]", True),
+                                                       ("random[cure_cfg.seed=1]", True)]
+    assert [cfg.cure_cfg.seed for cfg, _ in plans] == [1, 1] and all(p is not None for _, p in plans)
+    by = {(r["method"], r["cure"]): r for r in rows}
+    for name in ("foldgpt", "random"):
+        old, seeded = by[(name, True)], by[(f"{name}[cure_cfg.seed=1]", True)]
+        assert (seeded["removed"], seeded["groups"], seeded["unique_params"]) == (
+            old["removed"], old["groups"], old["unique_params"])
+        assert seeded["perplexity"] != old["perplexity"]
+    assert by[("foldgpt[cure_cfg.seed=1]", True)]["seconds"] is None  # a cured row's plan time is unknown
+    assert by[("random[cure_cfg.seed=1]", True)]["seconds"] > by[("random", False)]["seconds"]

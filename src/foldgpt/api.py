@@ -244,7 +244,8 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> Met
     do_cure = method.cures_by_default if cfg.cure is None else cfg.cure
     with timer.stage("Curing", 4, 6):
         loss_before_cure = calibration_loss(student, held)
-        cure_info = (run_cure(student, s.dense, s.adapter, s.calib, cfg.cure_cfg, seed=cfg.seed) if do_cure
+        cure_seed = cfg.seed if cfg.cure_cfg.seed is None else cfg.cure_cfg.seed
+        cure_info = (run_cure(student, s.dense, s.adapter, s.calib, cfg.cure_cfg, seed=cure_seed) if do_cure
                      else {"steps": 0, "trainable_params": 0, "history": []})
     with timer.stage("Measuring", 5, 6):
         summary = _summary(s, student, the_plan, loss_before_cure, cure_info, cfg, budget, do_cure)

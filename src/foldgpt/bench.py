@@ -24,7 +24,7 @@ from .config import CompressConfig
 from .data import load_text, tokenize
 from .errors import FoldGPTError
 from .evaluate import perplexity
-from .methods import get_method, greedy
+from .methods import METHODS, get_method, greedy
 from .plan import Plan, write_json_atomic
 from .report import fmt_int, markdown_table, plot_xy, ppl
 from .structure import flops_per_token, unique_params
@@ -117,6 +117,27 @@ def _plan_key(cfg: CompressConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def cure_only(name: str) -> bool:
+    """Whether a variant changes only the cure (e.g. 'sleb[cure_cfg.seed=1]'): it runs only with the cure."""
+    overrides = parse_variant(name)[1]
+    return bool(overrides) and all(k.startswith("cure_cfg.") for k in overrides)
+
+
+def _plan_from_row(row: dict, cfg: CompressConfig, session) -> Plan | None:
+    """The plan of a row written before rows carried it, from the removed layers, groups and child gate starts
+    the row records; None where those do not describe it (a method that merges layers)."""
+    if get_method(cfg.method).merges or "removed" not in row:
+        return None
+    removed, groups = list(row["removed"]), [list(g) for g in row.get("groups", [])]
+    return Plan(
+        num_layers=len(session.adapter.layers(session.dense)), model_type=session.dense.config.model_type,
+        removed=removed, groups=groups, layer_kinds=session.adapter.layer_kinds(session.dense.config),
+        shared_linears=list(cfg.fold.shared_linears), adapter_rank=cfg.fold.adapter_rank if groups else 0,
+        adapter_init=cfg.fold.adapter_init, position_gates=cfg.fold.position_gates,
+        child_gates={c: g["start"] if isinstance(g, dict) else g for c, g in row.get("child_gates", {}).items()},
+        method=cfg.method, unit="sublayer" if any("." in u for u in removed) else "layer")
+
+
 def _same_command(old, new) -> bool:
     """Whether a saved row's command is this one; an option added to foldgpt since (a key only in `new`) matches
     when it is off (None or False), so rows written by an earlier version still resume."""
@@ -156,7 +177,8 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
                "cloze": cloze, "eval_seq_len": eval_seq_len, "eval_max_tokens": eval_max_tokens,
                "base": base.to_dict()}
     done: dict[tuple, dict] = {}
-    plans: dict[str, tuple[Plan, float]] = {}  # plan key -> (plan, seconds it took to make)
+    plans: dict[str, tuple[Plan, float | None]] = {}  # plan key -> (plan, seconds it took to make, if known)
+    legacy: list[dict] = []  # resumed rows written before rows carried their plan
     log_path = rows_file(out)
     if resume and log_path.exists():
         for line in log_path.read_text().splitlines():
@@ -165,6 +187,8 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
                 done[(rec["row"]["method"], rec["row"]["target"], rec["row"]["cure"])] = rec["row"]
                 if "plan" in rec:  # a later row that differs only in the cure re-applies it instead of re-planning
                     plans[rec["plan"]["key"]] = (Plan.from_dict(rec["plan"]["plan"]), rec["plan"]["seconds"])
+                else:
+                    legacy.append(rec["row"])
         log.info("bench: resuming with %d finished rows (%d plans) from %s", len(done), len(plans), log_path)
     elif log_path.exists():
         log_path.unlink()
@@ -180,6 +204,14 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
                     f.write(json.dumps({"command": command, "row": row, **({"plan": plan} if plan else {})}) + "\n")
 
         session = prepare(model, text, base)
+        for row in legacy:  # rebuild their plans, so a cure-only variant of one does not plan again
+            if row["method"] == "dense" or parse_variant(row["method"])[0] not in METHODS:
+                continue
+            cfg = variant_config(row["method"], base, row["target"], row["cure"])
+            key = _plan_key(cfg)
+            if (key not in plans or plans[key][1] is None) and (old_plan := _plan_from_row(row, cfg, session)):
+                # an uncured row's time is its planning (and applying); a cured row's also holds its cure
+                plans[key] = (old_plan, None if row["cure"] else row["seconds"])
         tok, bos = session.tokenizer, session.bos
         eval_ids = {}
         for spec in eval_text:
@@ -203,7 +235,7 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
             for name in methods:
                 method = parse_variant(name)[0]
                 cures_by_default = get_method(method).cures_by_default
-                modes = [True] if cures_by_default else ([False, True] if cure else [False])
+                modes = [True] if cures_by_default or cure_only(name) else ([False, True] if cure else [False])
                 for do_cure in modes:
                     if (name, target, do_cure) in done:
                         finish(done[(name, target, do_cure)])
@@ -216,7 +248,8 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
                     plan, plan_seconds = plans.get(key, (None, 0.0))
                     run = run_method(session, cfg, plan)
                     # a greedy search reused from an earlier row counts in this row's compression time too
-                    seconds = time.perf_counter() - t + plan_seconds + run.info.get("reused_search_seconds", 0.0)
+                    seconds = (None if plan_seconds is None  # a plan rebuilt from an old row: its time is unknown
+                               else time.perf_counter() - t + plan_seconds + run.info.get("reused_search_seconds", 0.0))
                     if plan is None:
                         plans[key] = (run.plan, run.summary["seconds"].get("Planning", 0.0)
                                       + run.info.get("reused_search_seconds", 0.0))
@@ -262,7 +295,7 @@ def results_markdown(rows: list[dict], model: str) -> str:
             + [f"{r['bits_per_byte'][n]:.3f}" for n in ppl_names]
             + [f"{a:.3f}" if a is not None else "-" for a in accs]
             + ([f"{sum(a for a in accs if a is not None) / max(1, len(accs)):.3f}"] if task_names else [])
-            + [f"{r['seconds']:.0f}"]
+            + [f"{r['seconds']:.0f}" if r["seconds"] is not None else "-"]
         )
     return f"# foldgpt bench: {model}\n\n" + markdown_table(headers, body) + "\n"
 

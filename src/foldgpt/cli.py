@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     cure.add_argument("--cure", dest="cure", action="store_true", default=None, help="cure any method")
     cure.add_argument("--no-cure", dest="cure", action="store_false")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--cure-seed", type=int, default=None,
+                   help="the cure's own seed (data order, adapter init; default: --seed), to measure cure noise")
     _add_run_args(c)
     c.add_argument("--convert-cache", default=None, help="where GGUF conversions are cached")
 
@@ -177,7 +179,8 @@ def _compress(args) -> int:
     if target is None and args.remove_rate is None and args.plan is None:
         target = 0.75
     run_kw, gate_kw, cure_kw = _run_kwargs(args)
-    cure_cfg = CureConfig(steps=args.cure_steps, lr=args.cure_lr, tail_layers=args.tail_layers, **cure_kw)
+    cure_cfg = CureConfig(steps=args.cure_steps, lr=args.cure_lr, tail_layers=args.tail_layers, seed=args.cure_seed,
+                          **cure_kw)
     cfg = CompressConfig(
         method=args.method, target_params=target, remove_rate=args.remove_rate, remove_share=args.remove_share,
         ranking=args.ranking, protect_ends=args.protect_ends, seq_len=args.seq_len, calib_seqs=args.calib_seqs,

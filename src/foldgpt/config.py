@@ -73,6 +73,7 @@ class CureConfig:
     teacher_topk: int = 64  # k of the cached teacher distribution
     teacher_cache_dir: str | None = None  # None: a temporary folder, deleted after the cure
     fsdp: bool = False  # under torchrun: shard each unique frozen Linear across the processes (FSDP2)
+    seed: int | None = None  # the cure's own seed (data order, adapter init); None: the run's --seed
 
     def __post_init__(self):
         _check(self.steps >= 0, "cure steps must be >= 0")

@@ -59,6 +59,7 @@ class Method:
     cures_by_default: bool
     folds: bool  # uses the fold budget (removal + sharing) rather than removal only
     description: str
+    merges: bool = False  # its plans merge layers (more than the removed layers, groups and gates a row records)
 
 
 METHODS: dict[str, Method] = {}

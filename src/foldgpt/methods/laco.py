@@ -132,6 +132,6 @@ def run(ctx: Context) -> Plan:
     return ctx.new_plan([str(i) for i in removed], [], method="laco", merges=merges, scores=scores)
 
 
-register(Method("laco", run, cures_by_default=False, folds=False,
+register(Method("laco", run, cures_by_default=False, folds=False, merges=True,
                 description="LaCo: merge consecutive layers (theta_l + sum_k (theta_{l+k} - theta_l)) while "
                             "the output cosine stays above T"))
