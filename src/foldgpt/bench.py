@@ -14,6 +14,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -153,6 +154,98 @@ def rows_file(out: str | Path) -> Path:
     return out.parent / f"{out.name}.rows.jsonl"
 
 
+class _Ledger:
+    """The rows file of one bench (`rows_file(out)`): the rows finished so far and the plans they ran.
+    Each finished row is appended as it completes; with `resume`, rows already there for the same command are
+    kept, and a later row that differs from one only in the cure re-applies its plan instead of re-planning."""
+
+    def __init__(self, path: Path, command: dict, resume: bool):
+        self.path, self.command = path, command
+        self.done: dict[tuple, dict] = {}  # (method, target, cure) -> row
+        self.plans: dict[str, tuple[Plan, float | None]] = {}  # plan key -> (plan, seconds it took, if known)
+        self.legacy: list[dict] = []  # resumed rows written before rows carried their plan
+        if resume and path.exists():
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                if _same_command(rec.get("command"), json.loads(json.dumps(command))):
+                    self.done[_row_key(rec["row"])] = rec["row"]
+                    if "plan" in rec:
+                        self.plans[rec["plan"]["key"]] = (Plan.from_dict(rec["plan"]["plan"]), rec["plan"]["seconds"])
+                    else:
+                        self.legacy.append(rec["row"])
+            log.info("bench: resuming with %d finished rows (%d plans) from %s", len(self.done), len(self.plans), path)
+        elif path.exists():
+            path.unlink()
+
+    def adopt_legacy(self, base: CompressConfig, session) -> None:
+        """Rebuild the plans of resumed rows written without one, so a cure-only variant does not plan again."""
+        for row in self.legacy:
+            if row["method"] == "dense" or parse_variant(row["method"])[0] not in METHODS:
+                continue
+            cfg = variant_config(row["method"], base, row["target"], row["cure"])
+            key = _plan_key(cfg)
+            if (key not in self.plans or self.plans[key][1] is None) and (plan := _plan_from_row(row, cfg, session)):
+                # an uncured row's time is its planning (and applying); a cured row's also holds its cure
+                self.plans[key] = (plan, None if row["cure"] else row["seconds"])
+
+    def record(self, row: dict, plan_key: str | None = None) -> dict:
+        if _row_key(row) not in self.done:
+            plan = None
+            if plan_key is not None:
+                plan = {"key": plan_key, "plan": self.plans[plan_key][0].to_dict(), "seconds": self.plans[plan_key][1]}
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"command": self.command, "row": row, **({"plan": plan} if plan else {})}) + "\n")
+        return row
+
+
+def _row_key(row: dict) -> tuple:
+    return row["method"], row["target"], row["cure"]
+
+
+def _row_modes(methods: list[str], targets: list[float], cure: bool) -> list[tuple[float, str, bool]]:
+    """(target, method, cured) of every row after the dense one: a peer without and (with `cure`) with the cure;
+    foldgpt and cure-only variants with it only."""
+    out = []
+    for target in targets:
+        for name in methods:
+            if get_method(parse_variant(name)[0]).cures_by_default or cure_only(name):
+                modes = [True]
+            else:
+                modes = [False, True] if cure else [False]
+            out.extend((target, name, m) for m in modes)
+    return out
+
+
+def _run_row(session, ledger: _Ledger, name: str, target: float, do_cure: bool, base: CompressConfig,
+             evaluate: Callable, eval_seq_len: int) -> dict:
+    cfg = variant_config(name, base, target, do_cure)
+    key = _plan_key(cfg)
+    log.info("bench: %s at %.2f%s%s", name, target, " + cure" if do_cure else "",
+             " (plan reused)" if key in ledger.plans else "")
+    t = time.perf_counter()
+    plan, plan_seconds = ledger.plans.get(key, (None, 0.0))
+    run = run_method(session, cfg, plan)
+    # a greedy search reused from an earlier row counts in this row's compression time too
+    seconds = (None if plan_seconds is None  # a plan rebuilt from an old row: its time is unknown
+               else time.perf_counter() - t + plan_seconds + run.info.get("reused_search_seconds", 0.0))
+    if plan is None:
+        ledger.plans[key] = (run.plan, run.summary["seconds"].get("Planning", 0.0)
+                             + run.info.get("reused_search_seconds", 0.0))
+    t = time.perf_counter()
+    ev = evaluate(run.student)
+    dense_flops = flops_per_token(session.dense, session.adapter, eval_seq_len)
+    row = ledger.record({
+        "method": name, "target": target, "cure": do_cure,
+        "unique_params": run.summary["unique_params"], "params_ratio": run.summary["params_ratio"],
+        "flops_ratio": flops_per_token(run.student, session.adapter, eval_seq_len) / dense_flops,
+        "removed": run.plan.removed, "groups": run.plan.groups,
+        "child_gates": run.summary.get("child_gates", {}), "seconds": seconds, **ev,
+        "eval_seconds": time.perf_counter() - t,
+    }, plan_key=key)
+    log.info("bench: %s", {k: row[k] for k in ("method", "target", "cure", "perplexity")})
+    return row
+
+
 def bench(model: str, methods: list[str], targets: list[float], text: list[str] | None, eval_text: list[str],
           out: str | Path, tasks: list[str] | None = None, cure: bool = False, base: CompressConfig | None = None,
           eval_seq_len: int = 512, eval_max_tokens: int | None = None, task_limit: int | None = None,
@@ -161,7 +254,7 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
 
     Rows that differ only in the cure (a peer with and without it, foldgpt and its cure ablations)
     reuse one plan. Each finished row is appended to `rows_file(out)`; with `resume`, rows already
-    there for the same command are kept instead of rerun."""
+    there for the same command are kept instead of rerun, and saved greedy-search steps are continued."""
     base = base or CompressConfig()
     tasks = tasks or []
     for m in methods:
@@ -176,106 +269,42 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
     command = {"model": model, "text": text, "eval_text": eval_text, "tasks": tasks, "task_limit": task_limit,
                "cloze": cloze, "eval_seq_len": eval_seq_len, "eval_max_tokens": eval_max_tokens,
                "base": base.to_dict()}
-    done: dict[tuple, dict] = {}
-    plans: dict[str, tuple[Plan, float | None]] = {}  # plan key -> (plan, seconds it took to make, if known)
-    legacy: list[dict] = []  # resumed rows written before rows carried their plan
-    log_path = rows_file(out)
-    if resume and log_path.exists():
-        for line in log_path.read_text().splitlines():
-            rec = json.loads(line)
-            if _same_command(rec.get("command"), json.loads(json.dumps(command))):
-                done[(rec["row"]["method"], rec["row"]["target"], rec["row"]["cure"])] = rec["row"]
-                if "plan" in rec:  # a later row that differs only in the cure re-applies it instead of re-planning
-                    plans[rec["plan"]["key"]] = (Plan.from_dict(rec["plan"]["plan"]), rec["plan"]["seconds"])
-                else:
-                    legacy.append(rec["row"])
-        log.info("bench: resuming with %d finished rows (%d plans) from %s", len(done), len(plans), log_path)
-    elif log_path.exists():
-        log_path.unlink()
+    ledger = _Ledger(rows_file(out), command, resume)
     search_dir = Path(out).parent / f"{Path(out).name}.search"  # greedy searches, step by step (resumable)
     if not resume and search_dir.exists():
         shutil.rmtree(search_dir)
-    greedy.SEARCH_DIR = search_dir
-    try:
-        def finish(row: dict, plan: dict | None = None) -> None:
-            rows.append(row)
-            if (row["method"], row["target"], row["cure"]) not in done:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"command": command, "row": row, **({"plan": plan} if plan else {})}) + "\n")
-
+    with greedy.searches_in(search_dir):
         session = prepare(model, text, base)
-        for row in legacy:  # rebuild their plans, so a cure-only variant of one does not plan again
-            if row["method"] == "dense" or parse_variant(row["method"])[0] not in METHODS:
-                continue
-            cfg = variant_config(row["method"], base, row["target"], row["cure"])
-            key = _plan_key(cfg)
-            if (key not in plans or plans[key][1] is None) and (old_plan := _plan_from_row(row, cfg, session)):
-                # an uncured row's time is its planning (and applying); a cured row's also holds its cure
-                plans[key] = (old_plan, None if row["cure"] else row["seconds"])
+        ledger.adopt_legacy(base, session)
         tok, bos = session.tokenizer, session.bos
-        eval_ids = {}
-        for spec in eval_text:
-            eval_ids[Path(spec).name] = tokenize(tok, load_text([spec], split="test").text)
+        eval_ids = {Path(spec).name: tokenize(tok, load_text([spec], split="test").text) for spec in eval_text}
         cloze_set = None
         if cloze:
             from .tasks import cloze_examples
 
             cloze_set = {"examples": cloze_examples(load_text([eval_text[0]]).text, n=cloze, seed=base.seed)}
-        rows: list[dict] = []
-        if ("dense", 1.0, False) in done:
-            finish(done[("dense", 1.0, False)])
-        else:
+
+        def evaluate(m) -> dict:
+            return _evaluate(m, tok, bos, eval_ids, eval_seq_len, eval_max_tokens, tasks, task_limit, cloze_set)
+
+        rows = [ledger.done.get(("dense", 1.0, False))]
+        if rows[0] is None:
             t = time.perf_counter()
-            dense_eval = _evaluate(session.dense, tok, bos, eval_ids, eval_seq_len, eval_max_tokens, tasks, task_limit,
-                                   cloze_set)
-            finish({"method": "dense", "target": 1.0, "cure": False, "unique_params": unique_params(session.dense),
-                    "params_ratio": 1.0, "flops_ratio": 1.0, "seconds": 0.0, **dense_eval,
-                    "eval_seconds": time.perf_counter() - t})
-        for target in targets:
-            for name in methods:
-                method = parse_variant(name)[0]
-                cures_by_default = get_method(method).cures_by_default
-                modes = [True] if cures_by_default or cure_only(name) else ([False, True] if cure else [False])
-                for do_cure in modes:
-                    if (name, target, do_cure) in done:
-                        finish(done[(name, target, do_cure)])
-                        continue
-                    cfg = variant_config(name, base, target, do_cure)
-                    key = _plan_key(cfg)
-                    log.info("bench: %s at %.2f%s%s", name, target, " + cure" if do_cure else "",
-                             " (plan reused)" if key in plans else "")
-                    t = time.perf_counter()
-                    plan, plan_seconds = plans.get(key, (None, 0.0))
-                    run = run_method(session, cfg, plan)
-                    # a greedy search reused from an earlier row counts in this row's compression time too
-                    seconds = (None if plan_seconds is None  # a plan rebuilt from an old row: its time is unknown
-                               else time.perf_counter() - t + plan_seconds + run.info.get("reused_search_seconds", 0.0))
-                    if plan is None:
-                        plans[key] = (run.plan, run.summary["seconds"].get("Planning", 0.0)
-                                      + run.info.get("reused_search_seconds", 0.0))
-                    t = time.perf_counter()
-                    ev = _evaluate(run.student, tok, bos, eval_ids, eval_seq_len, eval_max_tokens, tasks, task_limit,
-                                   cloze_set)
-                    finish({
-                        "method": name, "target": target, "cure": do_cure,
-                        "unique_params": run.summary["unique_params"], "params_ratio": run.summary["params_ratio"],
-                        "flops_ratio": flops_per_token(run.student, session.adapter, eval_seq_len)
-                        / flops_per_token(session.dense, session.adapter, eval_seq_len),
-                        "removed": run.plan.removed, "groups": run.plan.groups,
-                        "child_gates": run.summary.get("child_gates", {}), "seconds": seconds, **ev,
-                        "eval_seconds": time.perf_counter() - t,
-                    }, plan={"key": key, "plan": plans[key][0].to_dict(), "seconds": plans[key][1]})
-                    log.info("bench: %s", {k: rows[-1][k] for k in ("method", "target", "cure", "perplexity")})
-                    del run
+            rows[0] = ledger.record({"method": "dense", "target": 1.0, "cure": False,
+                                     "unique_params": unique_params(session.dense), "params_ratio": 1.0,
+                                     "flops_ratio": 1.0, "seconds": 0.0, **evaluate(session.dense),
+                                     "eval_seconds": time.perf_counter() - t})
+        for target, name, do_cure in _row_modes(methods, targets, cure):
+            row = ledger.done.get((name, target, do_cure))
+            rows.append(row if row is not None
+                        else _run_row(session, ledger, name, target, do_cure, base, evaluate, eval_seq_len))
         with atomic_dir(out, overwrite) as tmp:
             write_json_atomic(tmp / "results.json", rows)
             write_json_atomic(tmp / "command.json", command)
             (tmp / "results.md").write_text(results_markdown(rows, model))
             _plots(rows, tmp)
-        log_path.unlink(missing_ok=True)
+        ledger.path.unlink(missing_ok=True)
         shutil.rmtree(search_dir, ignore_errors=True)
-    finally:  # a failed run must not leave later runs writing their searches there
-        greedy.SEARCH_DIR = None
     return rows
 
 

@@ -13,7 +13,8 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,6 +47,18 @@ _MEMO: dict[tuple, tuple] = {}
 # Where finished steps are also written (`foldgpt bench` sets it beside its output), so a stopped run continues a
 # search instead of starting it again: one JSON file per search, named by a digest of what the search depends on.
 SEARCH_DIR: Path | None = None
+
+
+@contextmanager
+def searches_in(folder: Path | None) -> Iterator[None]:
+    """Save (and continue) greedy searches in `folder` inside the block; the old setting returns afterwards, even
+    on an error, so a failed run does not leave later runs in the same process writing there."""
+    global SEARCH_DIR
+    old, SEARCH_DIR = SEARCH_DIR, folder
+    try:
+        yield
+    finally:
+        SEARCH_DIR = old
 
 
 def _disk_key(ctx: Context, unit: str, costs: list[float], ids: torch.Tensor) -> str:
