@@ -106,6 +106,9 @@ def test_a_stopped_greedy_search_continues_from_disk(tiny_dirs, text_file, monke
 @pytest.mark.parametrize("kind,plan_kw", [
     ("llama", dict(removed=["1"], groups=[[4, 3]], child_gates={"3": 0.5})),  # the child sits below its parent
     ("gemma3", dict(removed=["2"], groups=[[1, 0], [4, 3]], child_gates={"0": 0.25, "3": 0.75})),
+    # sliding-window children on global layers' weights (--fold-across-kinds); each keeps its own kind
+    ("gemma3", dict(removed=["0"], groups=[[2, 1], [5, 3, 4]], child_gates={"1": 0.5, "3": 1.0, "4": 0.25},
+                    across_kinds=True)),
 ])
 def test_child_gates_save_load_and_dense_export(tiny_dirs, text_file, tmp_path, kind, plan_kw):
     from transformers import AutoModelForCausalLM
@@ -153,3 +156,32 @@ def test_compress_reports_child_gates_before_and_after_the_cure(tiny_dirs, text_
     assert all(v["start"] == res.plan.child_gates[c] for c, v in gates.items())
     assert any(v["end"] != v["start"] for v in gates.values())  # the cure trains them
     assert foldgpt.api.info(tmp_path / "o")["child_gates"] == gates
+
+
+def test_children_borrow_another_attention_kind_only_when_allowed(tiny_dirs, text_file, monkeypatch):
+    from foldgpt.methods.foldgpt import neighbours
+
+    kinds = ["s", "s", "g", "s", "s", "g"]
+    assert neighbours(3, [2, 5], kinds) == []  # no sliding-window layer kept: nothing to borrow
+    assert neighbours(3, [1, 2, 5], kinds) == [1]
+    assert neighbours(3, [1, 2, 5], kinds, across_kinds=True) == [1, 2, 5]
+    with pytest.raises(foldgpt.FoldGPTError, match="mixes attention kinds.*--fold-across-kinds"):
+        Plan(num_layers=6, model_type="gemma3_text", layer_kinds=kinds, groups=[[2, 1]])
+    # tiny Gemma-3 (sliding, sliding, global, ...) when the ranking removed every sliding-window layer: no
+    # same-kind parent is left, so only borrowing the global layers folds the budgeted children back
+    import dataclasses
+
+    import foldgpt.methods.foldgpt as fg
+
+    monkeypatch.setattr(fg, "greedy_removal", lambda ctx, *a, **k: ([0, 1, 3, 4], [0.0] * 4))
+    folded = {}
+    for across in (False, True):
+        ctx = make_ctx(tiny_dirs["gemma3"], text_file, "foldgpt", target=0.5)
+        ctx.budget = dataclasses.replace(ctx.budget, n_remove=2, n_fold=2)
+        ctx.cfg.fold.across_kinds = across
+        plan = get_method("foldgpt").run(ctx)
+        folded[across] = {c: g[0] for g in plan.groups for c in g[1:]}
+        assert plan.across_kinds is across
+        applied(ctx, plan)  # mixed groups apply
+    assert folded[False] == {}
+    assert len(folded[True]) == 2 and set(folded[True].values()) == {2, 5}

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--adapter-rank", type=int, default=8)
     c.add_argument("--adapter-init", choices=["zero", "svd"], default="zero")
     c.add_argument("--fold-select", choices=["loss", "adjacent"], default="loss")
+    c.add_argument("--fold-across-kinds", action="store_true",
+                   help="a folded child may borrow a kept layer of another attention kind (Gemma-3 sliding-window "
+                        "and global layers; same weight shapes) when measurement says it helps")
     c.add_argument("--cure-steps", type=int, default=100)
     c.add_argument("--cure-lr", type=float, default=2e-3)
     c.add_argument("--tail-layers", type=int, default=2)
@@ -188,7 +191,8 @@ def _compress(args) -> int:
         gate=GateConfig(unit=args.unit, steps=args.gate_steps, rounds=args.gate_rounds, budget=args.gate_budget,
                         **gate_kw),
         fold=FoldConfig(group_size=args.group_size, adapter_rank=args.adapter_rank, adapter_init=args.adapter_init,
-                        select=args.fold_select, child_gates=args.child_gates),
+                        select=args.fold_select, child_gates=args.child_gates,
+                        across_kinds=args.fold_across_kinds),
         cure_cfg=cure_cfg, **run_kw,
     ) if target is not None or args.remove_rate is not None else CompressConfig(
         method=args.method, target_params=None, remove_rate=0.0, seed=args.seed, cure=args.cure,

@@ -44,6 +44,9 @@ class FoldConfig:
     position_gates: bool = False
     child_gates: bool = True  # a scalar gate on each child's branches, initialised by measured calibration NLL
     cost_batch: int = 2
+    # a child may also borrow the nearest kept layer of another attention kind (Gemma-3: a sliding-window child on a
+    # global layer's weights, same shapes); the measured child search decides whether it helps
+    across_kinds: bool = False
 
     def __post_init__(self):
         _check(self.group_size >= 1, "group size must be >= 1 (1 disables folding)")

@@ -41,6 +41,7 @@ class Plan:
     adapter_init: str = "zero"  # "zero" (LoRA: B=0) or "svd" (truncated SVD of W_child - W_parent)
     position_gates: bool = False  # a learnable scalar gate on every retained position
     child_gates: dict[str, float] = field(default_factory=dict)
+    across_kinds: bool = False  # groups may mix attention kinds (each child keeps its own kind; same weight shapes)
     method: str = "foldgpt"
     unit: str = "layer"
     gates: dict[str, float] = field(default_factory=dict)
@@ -111,8 +112,9 @@ class Plan:
                 if layer not in kept or layer in seen:
                     raise FoldGPTError(f"plan group {g} uses layer {layer}, which is removed or already grouped")
                 seen.add(layer)
-            if self.layer_kinds and len({self.layer_kinds[i] for i in g}) > 1:
-                raise FoldGPTError(f"plan group {g} mixes attention kinds; only same-kind layers may share")
+            if self.layer_kinds and len({self.layer_kinds[i] for i in g}) > 1 and not self.across_kinds:
+                raise FoldGPTError(f"plan group {g} mixes attention kinds; only same-kind layers may share unless "
+                                   "the plan allows it (--fold-across-kinds)")
         children = set(self.parent_of())
         for c in self.child_gates:
             if int(c) not in children:

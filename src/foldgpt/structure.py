@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter
+from .errors import FoldGPTError
 from .modeling_foldgpt import SharedLinear, ZeroBranch, add_position_gates_, apply_layout_, set_submodule  # noqa: F401
 from .plan import Plan
 
@@ -89,6 +90,12 @@ def apply_plan_(model: nn.Module, plan: Plan, adapter: Adapter, seed: int = 0) -
         merge_layers_(layers, merge)
     layout = layout_from_plan(plan, adapter)
     paths = layout["shared_linears"]
+    for c, p in plan.parent_of().items():
+        for path in paths:
+            a, b = layers[c].get_submodule(path).weight.shape, layers[p].get_submodule(path).weight.shape
+            if a != b:
+                raise FoldGPTError(f"layer {c} cannot share layer {p}'s {path}: shapes {tuple(a)} and {tuple(b)} "
+                                   "differ; group layers of the same shapes")
 
     def init_child(view: SharedLinear, own: nn.Module, pos: int, path: str) -> None:
         if view.base.weight.device.type != "meta":

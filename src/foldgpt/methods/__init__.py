@@ -47,6 +47,7 @@ class Context:
             adapter_init=self.cfg.fold.adapter_init,
             position_gates=self.cfg.fold.position_gates,
             child_gates=kw.pop("child_gates", {}),
+            across_kinds=self.cfg.fold.across_kinds,
             unit=self.cfg.gate.unit,
             **kw,
         )

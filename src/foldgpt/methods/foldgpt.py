@@ -4,7 +4,8 @@ Two rankings (`--ranking`):
 - "greedy" (default): remove whole layers one at a time by calibration NLL (each step with the earlier
   removals in place) until the removal *and* folding budget is spent, then bring back as folded children
   the removed layers that lower the calibration NLL most when they run a same-kind neighbour's weights
-  (their own norms, a rank-r delta, and a branch gate set to the measured best value). Every child
+  (`--fold-across-kinds`: or the nearest of another attention kind, same shapes) (their own norms, a rank-r
+  delta, and a branch gate set to the measured best value). Every child
   starts at a calibration NLL no worse than deleting it (a gate of 0 is deletion) and the cure trains
   the gate, the norms and the delta from there.
 - "gates": learned gates on every block, trained jointly under a hard budget (the paper's
@@ -54,7 +55,7 @@ def choose_groups(ctx: Context, removed: list[str]) -> list[list[int]]:
     probe = ctx.new_plan(removed, [])
     partial = probe.removed_sublayers()  # layers that lost a sub-block are not folded
     kept = [i for i in probe.kept_layers() if i not in partial]
-    kinds = probe.layer_kinds
+    kinds = probe.layer_kinds if not cfg.fold.across_kinds else [""] * len(probe.layer_kinds)  # one kind for all
     if cfg.fold.select == "adjacent":
         return select_groups(kept, kinds, cfg.fold.group_size, n_fold, None)
     ids = ctx.calib[: cfg.fold.cost_batch].to(ctx.model.device)
@@ -116,11 +117,19 @@ def child_search(ctx: Context, gone: set[int], pairs: list[tuple[int, int]],
     return out
 
 
-def neighbours(layer: int, kept: list[int], kinds: list[str]) -> list[int]:
-    """The nearest kept layer of the same attention kind below and above `layer`."""
-    below = [k for k in kept if k < layer and kinds[k] == kinds[layer]]
-    above = [k for k in kept if k > layer and kinds[k] == kinds[layer]]
-    return ([below[-1]] if below else []) + ([above[0]] if above else [])
+def neighbours(layer: int, kept: list[int], kinds: list[str], across_kinds: bool = False) -> list[int]:
+    """The nearest kept layer of the same attention kind below and above `layer`; with `across_kinds`, also the
+    nearest kept layer of any kind below and above."""
+    out = []
+    for same in (True, False) if across_kinds else (True,):
+        below = [k for k in kept if k < layer and (kinds[k] == kinds[layer] or not same)]
+        above = [k for k in kept if k > layer and (kinds[k] == kinds[layer] or not same)]
+        out += [k for k in ([below[-1]] if below else []) + ([above[0]] if above else []) if k not in out]
+    return out
+
+
+def same_shapes(a, b, paths: list[str]) -> bool:
+    return all(a.get_submodule(p).weight.shape == b.get_submodule(p).weight.shape for p in paths)
 
 
 def greedy_fold(ctx: Context) -> tuple[list[str], list[list[int]], dict[str, float]]:
@@ -137,7 +146,9 @@ def greedy_fold(ctx: Context) -> tuple[list[str], list[list[int]], dict[str, flo
     gone = set(order)
     kept = [i for i in range(ctx.num_layers) if i not in gone]
     kinds = ctx.adapter.layer_kinds(ctx.model.config)
-    pairs = [(p, c) for c in sorted(gone) for p in neighbours(c, kept, kinds)]
+    layers, paths = ctx.adapter.layers(ctx.model), ctx.cfg.fold.shared_linears or list(ctx.adapter.linears)
+    pairs = [(p, c) for c in sorted(gone) for p in neighbours(c, kept, kinds, ctx.cfg.fold.across_kinds)
+             if same_shapes(layers[c], layers[p], paths)]
     # without child gates a child runs at full weight, so that is the value its choice is measured at
     found = child_search(ctx, gone, pairs, CHILD_GATE_GRID if ctx.cfg.fold.child_gates else (1.0,))
     ctx.info["child_search"] = {f"{p}->{c}": {"nll": v[0], "gate": v[1], "nll_deleted": v[2]}
@@ -152,8 +163,10 @@ def greedy_fold(ctx: Context) -> tuple[list[str], list[list[int]], dict[str, flo
         children[c] = (p, g)
         capacity[p] -= 1
     if len(children) < b.n_fold:
-        log.warning("could fold only %d of %d children (not enough same-kind neighbours); deleting the rest",
-                    len(children), b.n_fold)
+        log.warning("could fold only %d of %d children (not enough %sneighbours); deleting the rest%s", len(children),
+                    b.n_fold, "" if ctx.cfg.fold.across_kinds else "same-kind ",
+                    "" if ctx.cfg.fold.across_kinds or len(set(kinds)) == 1 else " (--fold-across-kinds lets a child "
+                    "borrow a layer of another attention kind)")
     by_parent: dict[int, list[int]] = {}
     for c, (p, _) in children.items():
         by_parent.setdefault(p, []).append(c)
