@@ -92,3 +92,13 @@ def test_sublayer_compress_round_trip(tiny_dirs, text_file, tmp_path):
     with torch.no_grad():
         assert (model(input_ids=ids).logits - res.model(input_ids=ids).logits).abs().max().item() <= 1e-5
     assert unique_params(model) == res.summary["unique_params"]
+
+
+def test_sharing_layers_of_different_shapes_is_a_clear_error(tiny_dirs):
+    model, _ = load_model(str(tiny_dirs["llama"]))
+    adapter = get_adapter(model.config)
+    q = adapter.layers(model)[3].self_attn.q_proj
+    adapter.layers(model)[3].self_attn.q_proj = torch.nn.Linear(q.in_features, q.out_features // 2, bias=False)
+    plan = Plan(num_layers=6, model_type="llama", groups=[[1, 3]], adapter_rank=2)
+    with pytest.raises(foldgpt.FoldGPTError, match="cannot share layer 1's self_attn.q_proj: shapes"):
+        apply_plan_(model, plan, adapter)
