@@ -25,7 +25,7 @@ from .config import CompressConfig
 from .data import load_text, tokenize
 from .errors import FoldGPTError
 from .evaluate import perplexity
-from .methods import METHODS, get_method, greedy
+from .methods import METHODS, get_method, greedy, make_plan
 from .plan import Plan, write_json_atomic
 from .report import fmt_int, markdown_table, plot_xy, ppl
 from .structure import flops_per_token, unique_params
@@ -129,14 +129,9 @@ def _plan_from_row(row: dict, cfg: CompressConfig, session) -> Plan | None:
     the row records; None where those do not describe it (a method that merges layers)."""
     if get_method(cfg.method).merges or "removed" not in row:
         return None
-    removed, groups = list(row["removed"]), [list(g) for g in row.get("groups", [])]
-    return Plan(
-        num_layers=len(session.adapter.layers(session.dense)), model_type=session.dense.config.model_type,
-        removed=removed, groups=groups, layer_kinds=session.adapter.layer_kinds(session.dense.config),
-        shared_linears=list(cfg.fold.shared_linears), adapter_rank=cfg.fold.adapter_rank if groups else 0,
-        adapter_init=cfg.fold.adapter_init, position_gates=cfg.fold.position_gates,
-        child_gates={c: g["start"] if isinstance(g, dict) else g for c, g in row.get("child_gates", {}).items()},
-        method=cfg.method, unit="sublayer" if any("." in u for u in removed) else "layer")
+    gates = {c: g["start"] if isinstance(g, dict) else g for c, g in row.get("child_gates", {}).items()}
+    return make_plan(cfg, session.dense, session.adapter, list(row["removed"]),
+                     [list(g) for g in row.get("groups", [])], child_gates=gates, method=cfg.method)
 
 
 def _same_command(old, new) -> bool:
@@ -165,9 +160,10 @@ class _Ledger:
         self.plans: dict[str, tuple[Plan, float | None]] = {}  # plan key -> (plan, seconds it took, if known)
         self.legacy: list[dict] = []  # resumed rows written before rows carried their plan
         if resume and path.exists():
+            as_saved = json.loads(json.dumps(command))  # tuples as lists, as a saved command reads back
             for line in path.read_text().splitlines():
                 rec = json.loads(line)
-                if _same_command(rec.get("command"), json.loads(json.dumps(command))):
+                if _same_command(rec.get("command"), as_saved):
                     self.done[_row_key(rec["row"])] = rec["row"]
                     if "plan" in rec:
                         self.plans[rec["plan"]["key"]] = (Plan.from_dict(rec["plan"]["plan"]), rec["plan"]["seconds"])

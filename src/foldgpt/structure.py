@@ -79,6 +79,12 @@ def merge_layers_(layers: list[nn.Module], merge: list[int]) -> None:
             setattr(owner, attr, nn.Parameter(merged.to(p.dtype), requires_grad=p.requires_grad))
 
 
+def shape_mismatch(child: nn.Module, parent: nn.Module, paths: list[str]) -> str | None:
+    """The first of the Linears `paths` whose weight shape differs between the two layers (None: all match)."""
+    return next((p for p in paths if child.get_submodule(p).weight.shape != parent.get_submodule(p).weight.shape),
+                None)
+
+
 def apply_plan_(model: nn.Module, plan: Plan, adapter: Adapter, seed: int = 0) -> nn.Module:
     """Apply a plan to a dense model in place: merge layers (LaCo), remove units, fold groups, add deltas
     and gates."""
@@ -91,11 +97,10 @@ def apply_plan_(model: nn.Module, plan: Plan, adapter: Adapter, seed: int = 0) -
     layout = layout_from_plan(plan, adapter)
     paths = layout["shared_linears"]
     for c, p in plan.parent_of().items():
-        for path in paths:
+        if (path := shape_mismatch(layers[c], layers[p], paths)) is not None:
             a, b = layers[c].get_submodule(path).weight.shape, layers[p].get_submodule(path).weight.shape
-            if a != b:
-                raise FoldGPTError(f"layer {c} cannot share layer {p}'s {path}: shapes {tuple(a)} and {tuple(b)} "
-                                   "differ; group layers of the same shapes")
+            raise FoldGPTError(f"layer {c} cannot share layer {p}'s {path}: shapes {tuple(a)} and {tuple(b)} "
+                               "differ; group layers of the same shapes")
 
     def init_child(view: SharedLinear, own: nn.Module, pos: int, path: str) -> None:
         if view.base.weight.device.type != "meta":

@@ -36,21 +36,27 @@ class Context:
         return {0, self.num_layers - 1} if self.cfg.protect_ends else set()
 
     def new_plan(self, removed: list[str], groups: list[list[int]], **kw) -> Plan:
-        return Plan(
-            num_layers=self.num_layers,
-            model_type=self.model.config.model_type,
-            removed=removed,
-            groups=groups,
-            layer_kinds=self.adapter.layer_kinds(self.model.config),
-            shared_linears=list(self.cfg.fold.shared_linears),
-            adapter_rank=self.cfg.fold.adapter_rank if groups else 0,
-            adapter_init=self.cfg.fold.adapter_init,
-            position_gates=self.cfg.fold.position_gates,
-            child_gates=kw.pop("child_gates", {}),
-            across_kinds=self.cfg.fold.across_kinds,
-            unit=self.cfg.gate.unit,
-            **kw,
-        )
+        return make_plan(self.cfg, self.model, self.adapter, removed, groups, **kw)
+
+
+def make_plan(cfg: CompressConfig, model, adapter: Adapter, removed: list[str], groups: list[list[int]],
+              **kw) -> Plan:
+    """A plan for `model` removing `removed` and folding `groups`, with the fold settings of `cfg`."""
+    return Plan(
+        num_layers=len(adapter.layers(model)),
+        model_type=model.config.model_type,
+        removed=removed,
+        groups=groups,
+        layer_kinds=adapter.layer_kinds(model.config),
+        shared_linears=list(cfg.fold.shared_linears),
+        adapter_rank=cfg.fold.adapter_rank if groups else 0,
+        adapter_init=cfg.fold.adapter_init,
+        position_gates=cfg.fold.position_gates,
+        child_gates=kw.pop("child_gates", {}),
+        across_kinds=cfg.fold.across_kinds,
+        unit=cfg.gate.unit,
+        **kw,
+    )
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from ..fold import borrowed_weights, fold_costs, select_groups
 from ..gates import GateSet, train_gates
 from ..plan import Plan
 from ..precision import autocast
-from ..structure import apply_plan_
+from ..structure import apply_plan_, shape_mismatch
 from ..weights import clone_sharing_weights
 from . import Context, Method, register
 from .greedy import greedy_removal
@@ -128,10 +128,6 @@ def neighbours(layer: int, kept: list[int], kinds: list[str], across_kinds: bool
     return out
 
 
-def same_shapes(a, b, paths: list[str]) -> bool:
-    return all(a.get_submodule(p).weight.shape == b.get_submodule(p).weight.shape for p in paths)
-
-
 def greedy_fold(ctx: Context) -> tuple[list[str], list[list[int]], dict[str, float]]:
     """Greedy NLL removal of n_remove + n_fold layers, then the n_fold removed layers whose folding onto a
     neighbour helps most come back as children. Returns (removed units, groups, child gate values)."""
@@ -148,7 +144,7 @@ def greedy_fold(ctx: Context) -> tuple[list[str], list[list[int]], dict[str, flo
     kinds = ctx.adapter.layer_kinds(ctx.model.config)
     layers, paths = ctx.adapter.layers(ctx.model), ctx.cfg.fold.shared_linears or list(ctx.adapter.linears)
     pairs = [(p, c) for c in sorted(gone) for p in neighbours(c, kept, kinds, ctx.cfg.fold.across_kinds)
-             if same_shapes(layers[c], layers[p], paths)]
+             if shape_mismatch(layers[c], layers[p], paths) is None]
     # without child gates a child runs at full weight, so that is the value its choice is measured at
     found = child_search(ctx, gone, pairs, CHILD_GATE_GRID if ctx.cfg.fold.child_gates else (1.0,))
     ctx.info["child_search"] = {f"{p}->{c}": {"nll": v[0], "gate": v[1], "nll_deleted": v[2]}
