@@ -19,6 +19,14 @@ from pathlib import Path
 from foldgpt.bench import _plots, results_markdown
 
 
+def read_records(path: str | Path) -> list[dict]:
+    """The {"command", "row"} records of an OUT.rows.jsonl, or of a finished run's results.json (command None)."""
+    text = Path(path).read_text()
+    if str(path).endswith(".json"):  # a finished run's results.json: rows without the command
+        return [{"command": None, "row": row} for row in json.loads(text)]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("rows", nargs="+", help="one or more OUT.rows.jsonl files, then the output folder")
@@ -37,12 +45,7 @@ def main(argv=None) -> None:
         p.error("give at least one rows file and an output folder")
     recs, seen = [], set()
     for f in files:
-        text = Path(f).read_text()
-        if f.endswith(".json"):  # a finished run's results.json: rows without the command
-            found = [{"command": None, "row": row} for row in json.loads(text)]
-        else:
-            found = [json.loads(line) for line in text.splitlines() if line.strip()]
-        for rec in found:
+        for rec in read_records(f):
             rec["row"]["method"] = renames.get((f, rec["row"]["method"]), rec["row"]["method"])
             key = (rec["row"]["method"], rec["row"]["target"], rec["row"]["cure"])
             if key not in seen:

@@ -16,12 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def read_rows(path: Path) -> list[dict]:
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        return [json.loads(line)["row"] for line in text.splitlines() if line.strip()]
-    return json.loads(text)
+from render_rows import read_records
 
 
 def main(argv=None) -> None:
@@ -42,7 +37,7 @@ def main(argv=None) -> None:
         if not sep or not path or not methods:
             p.error(f"{spec}: write SOURCE:METHOD,METHOD")
         wanted = methods.split(",")
-        rows = [r for r in read_rows(Path(path)) if r["method"] in wanted]
+        rows = [rec["row"] for rec in read_records(path) if rec["row"]["method"] in wanted]
         missing = set(wanted) - {r["method"] for r in rows}
         if missing:
             sys.exit(f"error: {path} has no rows for {', '.join(sorted(missing))}")

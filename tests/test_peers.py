@@ -12,7 +12,7 @@ from foldgpt.adapters import get_adapter
 from foldgpt.analysis import similarity
 from foldgpt.budget import plan_budget
 from foldgpt.data import calibration_batches, load_text, needs_bos, tokenize
-from foldgpt.methods import METHODS, Context, get_method
+from foldgpt.methods import METHODS, Context, get_method, make_plan
 from foldgpt.methods.blockpruner import sublayer_params
 from foldgpt.methods.laco import laco
 from foldgpt.models import load_model
@@ -72,6 +72,9 @@ def test_peer_hits_the_target_count_exactly(tiny_dirs, text_file, method, kind):
     assert uniq <= b.target_params
     if method == "blockpruner":
         assert plan.unit == "sublayer"
+        # a plan rebuilt from a bench row's removed units (a resumed bench) records the same unit
+        rebuilt = make_plan(ctx.cfg, ctx.model, ctx.adapter, list(plan.removed), [], method="blockpruner")
+        assert rebuilt.unit == "sublayer" and rebuilt.removed == plan.removed
         costs = dict(zip([f"{i}.{p}" for i in range(ctx.num_layers) for p in ("attn", "mlp")],
                          sublayer_params(ctx.model, ctx.adapter)))
         order = sorted(plan.scores, key=plan.scores.get)

@@ -41,7 +41,9 @@ class Context:
 
 def make_plan(cfg: CompressConfig, model, adapter: Adapter, removed: list[str], groups: list[list[int]],
               **kw) -> Plan:
-    """A plan for `model` removing `removed` and folding `groups`, with the fold settings of `cfg`."""
+    """A plan for `model` removing `removed` and folding `groups`, with the fold settings of `cfg`; its unit is
+    the one its method always ranks (BlockPruner: sub-blocks), else the config's."""
+    fixed = METHODS[kw["method"]].unit if kw.get("method") in METHODS else None
     return Plan(
         num_layers=len(adapter.layers(model)),
         model_type=model.config.model_type,
@@ -54,7 +56,7 @@ def make_plan(cfg: CompressConfig, model, adapter: Adapter, removed: list[str], 
         position_gates=cfg.fold.position_gates,
         child_gates=kw.pop("child_gates", {}),
         across_kinds=cfg.fold.across_kinds,
-        unit=cfg.gate.unit,
+        unit=fixed or cfg.gate.unit,
         **kw,
     )
 
@@ -67,6 +69,7 @@ class Method:
     folds: bool  # uses the fold budget (removal + sharing) rather than removal only
     description: str
     merges: bool = False  # its plans merge layers (more than the removed layers, groups and gates a row records)
+    unit: str | None = None  # the unit it always ranks ("sublayer" for BlockPruner); None: the config's --unit
 
 
 METHODS: dict[str, Method] = {}

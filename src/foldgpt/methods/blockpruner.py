@@ -57,12 +57,10 @@ def run(ctx: Context, whole_forward: bool = False) -> Plan:
     saved = sum(costs[i] for i in removed)
     ctx.info["blockpruner"] = {"order": [names[i] for i in removed], "nll": nlls, "saved_params": saved,
                                "needed_params": need}
-    plan = ctx.new_plan(units_to_plan([names[i] for i in removed]), [], method="blockpruner",
+    return ctx.new_plan(units_to_plan([names[i] for i in removed]), [], method="blockpruner",
                         scores={names[i]: k for k, i in enumerate(removed)})
-    plan.unit = "sublayer"
-    return plan
 
 
-register(Method("blockpruner", run, cures_by_default=False, folds=False,
+register(Method("blockpruner", run, cures_by_default=False, folds=False, unit="sublayer",
                 description="BlockPruner: iterative greedy attention/MLP sub-block removal on calibration "
                             "perplexity"))
