@@ -142,11 +142,38 @@ def test_plan_rejects_gates_on_non_children():
         Plan(num_layers=4, model_type="llama", groups=[[1, 1]])
 
 
-def test_sublayer_unit_needs_gate_ranking(tiny_dirs, text_file, tmp_path):
-    with pytest.raises(foldgpt.FoldGPTError, match="--ranking gates"):
-        foldgpt.compress(str(tiny_dirs["llama"]), [str(text_file)], tmp_path / "o",
-                         fast_config(gate=foldgpt.GateConfig(unit="sublayer")))
-    assert not (tmp_path / "o").exists()
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_greedy_sublayer_ranking_is_blockpruners_search_plus_whole_layer_children(tiny_dirs, text_file, kind):
+    greedy_mod._MEMO.clear()
+    ctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, gate=foldgpt.GateConfig(unit="sublayer"))
+    b = ctx.budget
+    assert b.n_fold >= 1
+    plan = get_method("foldgpt").run(ctx)
+    assert plan.unit == "sublayer"
+    order = ctx.info["ranking"]["order"]
+    bctx = make_ctx(tiny_dirs[kind], text_file, "blockpruner", target=0.5)
+    greedy_mod._MEMO.clear()
+    bp = get_method("blockpruner").run(bctx).scores
+    assert order[: len(bp)] == sorted(bp, key=bp.get)  # the same search (it may go on to pay for the children)
+    children = {c: g[0] for g in plan.groups for c in g[1:]}
+    assert children
+    partial = plan.removed_sublayers()
+    for c, p in children.items():  # a child is a whole layer the search removed; its parent a whole kept layer
+        assert {f"{c}.attn", f"{c}.mlp"} <= set(order) and p not in partial and p not in plan.removed_layers()
+        found = ctx.info["child_search"][f"{p}->{c}"]
+        assert plan.child_gates[str(c)] == found["gate"] and found["nll"] <= found["nll_deleted"]
+    # every removed sub-block is either deleted or (as part of a whole layer) folded back
+    halves = ("attn", "mlp")
+    deleted = {u for u in plan.removed if "." in u} | {f"{i}.{h}" for i in plan.removed_layers() for h in halves}
+    assert deleted | {f"{c}.{h}" for c in children for h in halves} == set(order)
+    assert unique_params(applied(ctx, plan)) <= b.target_params
+
+
+def test_greedy_sublayer_ranking_needs_a_target(tiny_dirs, text_file):
+    ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=None, remove_rate=0.25,
+                   gate=foldgpt.GateConfig(unit="sublayer"))
+    with pytest.raises(foldgpt.FoldGPTError, match="needs --target-params"):
+        get_method("foldgpt").run(ctx)
 
 
 def test_compress_reports_child_gates_before_and_after_the_cure(tiny_dirs, text_file, tmp_path):

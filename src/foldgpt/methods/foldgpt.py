@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..errors import FoldGPTError
 from ..fold import borrowed_weights, fold_costs, select_groups
-from ..gates import GateSet, train_gates
+from ..gates import GateSet, train_gates, unit_names
 from ..plan import Plan
 from ..precision import autocast
 from ..structure import apply_plan_, shape_mismatch
@@ -73,9 +73,11 @@ def choose_groups(ctx: Context, removed: list[str]) -> list[list[int]]:
 
 @torch.no_grad()
 def child_search(ctx: Context, gone: set[int], pairs: list[tuple[int, int]],
-                 grid: tuple[float, ...] = CHILD_GATE_GRID) -> dict[tuple[int, int], tuple]:
-    """For each (parent, child) pair, the calibration NLL with `gone` layers deleted and the child running
-    the parent's Linears (own norms) with both branches scaled by g, for g in `grid`.
+                 grid: tuple[float, ...] = CHILD_GATE_GRID, gone_sublayers: set[int] = frozenset(),
+                 ) -> dict[tuple[int, int], tuple]:
+    """For each (parent, child) pair, the calibration NLL with `gone` layers (and `gone_sublayers`, indexed as
+    unit_names(..., "sublayer")) deleted and the child running the parent's Linears (own norms) with both
+    branches scaled by g, for g in `grid`.
     Returns {(parent, child): (best NLL, best g, NLL with the child deleted)}; each trial reruns only
     the layers from the child on (streaming.StreamedNLL)."""
     from ..streaming import StreamedNLL
@@ -87,6 +89,8 @@ def child_search(ctx: Context, gone: set[int], pairs: list[tuple[int, int]],
     base = torch.ones(2 * ctx.num_layers)
     for layer in gone:
         base[2 * layer : 2 * layer + 2] = 0
+    for unit in gone_sublayers:
+        base[unit] = 0
     stream = StreamedNLL(ctx.model, ctx.adapter, ids, ctx.model.device)
     out: dict[tuple[int, int], tuple] = {}
     deleted_nll: dict[tuple, float] = {}  # the NLL with the child deleted, once per distinct state
@@ -149,27 +153,75 @@ def greedy_fold(ctx: Context) -> tuple[list[str], list[list[int]], dict[str, flo
     found = child_search(ctx, gone, pairs, CHILD_GATE_GRID if ctx.cfg.fold.child_gates else (1.0,))
     ctx.info["child_search"] = {f"{p}->{c}": {"nll": v[0], "gate": v[1], "nll_deleted": v[2]}
                                 for (p, c), v in found.items()}
+    children = pick_children(ctx, found, kept, kinds, b.n_fold)
+    removed = [str(i) for i in sorted(gone - set(children))]
+    return removed, groups_of(children), _gates(ctx, children)
+
+
+def pick_children(ctx: Context, found: dict[tuple[int, int], tuple], kept: list[int], kinds: list[str],
+                  n_fold: int) -> dict[int, tuple[int, float]]:
+    """Up to `n_fold` children from the child search, most helpful (measured NLL minus NLL deleted) first, each
+    parent taking at most group_size - 1. Returns {child: (parent, gate)}."""
     capacity = {p: ctx.cfg.fold.group_size - 1 for p in kept}
-    children: dict[int, tuple[int, float]] = {}  # child -> (parent, gate)
+    children: dict[int, tuple[int, float]] = {}
     for (p, c), (_nll, g, _deleted) in sorted(found.items(), key=lambda kv: kv[1][0] - kv[1][2]):
-        if len(children) == b.n_fold:
+        if len(children) == n_fold:
             break
         if c in children or capacity[p] == 0:
             continue
         children[c] = (p, g)
         capacity[p] -= 1
-    if len(children) < b.n_fold:
+    if len(children) < n_fold:
         log.warning("could fold only %d of %d children (not enough %sneighbours); deleting the rest%s", len(children),
-                    b.n_fold, "" if ctx.cfg.fold.across_kinds else "same-kind ",
+                    n_fold, "" if ctx.cfg.fold.across_kinds else "same-kind ",
                     "" if ctx.cfg.fold.across_kinds or len(set(kinds)) == 1 else " (--fold-across-kinds lets a child "
                     "borrow a layer of another attention kind)")
+    return children
+
+
+def groups_of(children: dict[int, tuple[int, float]]) -> list[list[int]]:
     by_parent: dict[int, list[int]] = {}
     for c, (p, _) in children.items():
         by_parent.setdefault(p, []).append(c)
-    groups = sorted([p, *sorted(cs)] for p, cs in by_parent.items())
-    removed = [str(i) for i in sorted(gone - set(children))]
-    gates = {str(c): g for c, (_, g) in children.items()} if ctx.cfg.fold.child_gates else {}
-    return removed, groups, gates
+    return sorted([p, *sorted(cs)] for p, cs in by_parent.items())
+
+
+def _gates(ctx: Context, children: dict[int, tuple[int, float]]) -> dict[str, float]:
+    return {str(c): g for c, (_, g) in children.items()} if ctx.cfg.fold.child_gates else {}
+
+
+def greedy_fold_sublayers(ctx: Context) -> tuple[list[str], list[list[int]], dict[str, float]]:
+    """`--unit sublayer`: the greedy NLL search removes attention and MLP sub-blocks (BlockPruner's search) until
+    the target is met with room for the budget's children, then removed *whole* layers come back as children of a
+    kept whole layer (a layer that lost one sub-block is neither parent nor child). Returns as greedy_fold."""
+    from .blockpruner import sublayer_params, units_to_plan
+
+    b = ctx.budget
+    if b.target_params is None:
+        raise FoldGPTError("--ranking greedy with --unit sublayer needs --target-params (not --remove-rate alone)")
+    names = unit_names(ctx.num_layers, "sublayer")
+    costs = sublayer_params(ctx.model, ctx.adapter)
+    need = b.base_params - b.target_params + b.n_fold * b.child_cost  # each child is paid for by deleting more
+    order, nlls = greedy_removal(ctx, "sublayer", costs, need, "FoldGPT ranking")
+    ctx.info["ranking"] = {"order": [names[u] for u in order], "nll": nlls}
+    removed_units = units_to_plan([names[u] for u in order])
+    gone = {int(u) for u in removed_units if "." not in u}
+    partial = {int(u.split(".")[0]) for u in removed_units if "." in u}
+    if b.n_fold == 0 or not gone:
+        return removed_units, [], {}
+    kept = [i for i in range(ctx.num_layers) if i not in gone and i not in partial]
+    kinds = ctx.adapter.layer_kinds(ctx.model.config)
+    layers, paths = ctx.adapter.layers(ctx.model), ctx.cfg.fold.shared_linears or list(ctx.adapter.linears)
+    pairs = [(p, c) for c in sorted(gone) for p in neighbours(c, kept, kinds, ctx.cfg.fold.across_kinds)
+             if shape_mismatch(layers[c], layers[p], paths) is None]
+    half = {2 * int(u.split(".")[0]) + (0 if u.endswith(".attn") else 1) for u in removed_units if "." in u}
+    found = child_search(ctx, gone, pairs, CHILD_GATE_GRID if ctx.cfg.fold.child_gates else (1.0,),
+                         gone_sublayers=half)
+    ctx.info["child_search"] = {f"{p}->{c}": {"nll": v[0], "gate": v[1], "nll_deleted": v[2]}
+                                for (p, c), v in found.items()}
+    children = pick_children(ctx, found, kept, kinds, b.n_fold)
+    removed = [u for u in removed_units if "." in u or int(u) not in children]
+    return removed, groups_of(children), _gates(ctx, children)
 
 
 def measured_child_gates(ctx: Context, removed: list[str], groups: list[list[int]]) -> dict[str, float]:
@@ -186,9 +238,7 @@ def measured_child_gates(ctx: Context, removed: list[str], groups: list[list[int
 
 def run(ctx: Context) -> Plan:
     if ctx.cfg.ranking == "greedy":
-        if ctx.cfg.gate.unit != "layer":
-            raise FoldGPTError("--unit sublayer applies to the gate ranking; add --ranking gates")
-        removed, groups, child_gates = greedy_fold(ctx)
+        removed, groups, child_gates = greedy_fold(ctx) if ctx.cfg.gate.unit == "layer" else greedy_fold_sublayers(ctx)
         gates: dict[str, float] = {}
     else:
         with autocast(ctx.model.device, ctx.cfg.precision):
