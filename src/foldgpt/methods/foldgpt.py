@@ -144,18 +144,24 @@ def greedy_fold(ctx: Context) -> tuple[list[str], list[list[int]], dict[str, flo
     if b.n_fold == 0:
         return [str(i) for i in sorted(order)], [], {}
     gone = set(order)
-    kept = [i for i in range(ctx.num_layers) if i not in gone]
+    children = fold_back(ctx, gone, [i for i in range(ctx.num_layers) if i not in gone], b.n_fold)
+    removed = [str(i) for i in sorted(gone - set(children))]
+    return removed, groups_of(children), _gates(ctx, children)
+
+
+def fold_back(ctx: Context, gone: set[int], kept: list[int], n_fold: int,
+              gone_sublayers: set[int] = frozenset()) -> dict[int, tuple[int, float]]:
+    """Measure every removed layer of `gone` running a neighbour of `kept` (child_search, with `gone_sublayers`
+    deleted too) and pick up to `n_fold` children. Returns {child: (parent, gate)}."""
     kinds = ctx.adapter.layer_kinds(ctx.model.config)
     layers, paths = ctx.adapter.layers(ctx.model), ctx.cfg.fold.shared_linears or list(ctx.adapter.linears)
     pairs = [(p, c) for c in sorted(gone) for p in neighbours(c, kept, kinds, ctx.cfg.fold.across_kinds)
              if shape_mismatch(layers[c], layers[p], paths) is None]
     # without child gates a child runs at full weight, so that is the value its choice is measured at
-    found = child_search(ctx, gone, pairs, CHILD_GATE_GRID if ctx.cfg.fold.child_gates else (1.0,))
+    found = child_search(ctx, gone, pairs, CHILD_GATE_GRID if ctx.cfg.fold.child_gates else (1.0,), gone_sublayers)
     ctx.info["child_search"] = {f"{p}->{c}": {"nll": v[0], "gate": v[1], "nll_deleted": v[2]}
                                 for (p, c), v in found.items()}
-    children = pick_children(ctx, found, kept, kinds, b.n_fold)
-    removed = [str(i) for i in sorted(gone - set(children))]
-    return removed, groups_of(children), _gates(ctx, children)
+    return pick_children(ctx, found, kept, kinds, n_fold)
 
 
 def pick_children(ctx: Context, found: dict[tuple[int, int], tuple], kept: list[int], kinds: list[str],
@@ -205,21 +211,12 @@ def greedy_fold_sublayers(ctx: Context) -> tuple[list[str], list[list[int]], dic
     order, nlls = greedy_removal(ctx, "sublayer", costs, need, "FoldGPT ranking")
     ctx.info["ranking"] = {"order": [names[u] for u in order], "nll": nlls}
     removed_units = units_to_plan([names[u] for u in order])
-    gone = {int(u) for u in removed_units if "." not in u}
-    partial = {int(u.split(".")[0]) for u in removed_units if "." in u}
+    gone = {u // 2 for u in order if u ^ 1 in order}  # layers that lost both sub-blocks
+    half = {u for u in order if u // 2 not in gone}  # sub-blocks removed from layers that keep the other one
     if b.n_fold == 0 or not gone:
         return removed_units, [], {}
-    kept = [i for i in range(ctx.num_layers) if i not in gone and i not in partial]
-    kinds = ctx.adapter.layer_kinds(ctx.model.config)
-    layers, paths = ctx.adapter.layers(ctx.model), ctx.cfg.fold.shared_linears or list(ctx.adapter.linears)
-    pairs = [(p, c) for c in sorted(gone) for p in neighbours(c, kept, kinds, ctx.cfg.fold.across_kinds)
-             if shape_mismatch(layers[c], layers[p], paths) is None]
-    half = {2 * int(u.split(".")[0]) + (0 if u.endswith(".attn") else 1) for u in removed_units if "." in u}
-    found = child_search(ctx, gone, pairs, CHILD_GATE_GRID if ctx.cfg.fold.child_gates else (1.0,),
-                         gone_sublayers=half)
-    ctx.info["child_search"] = {f"{p}->{c}": {"nll": v[0], "gate": v[1], "nll_deleted": v[2]}
-                                for (p, c), v in found.items()}
-    children = pick_children(ctx, found, kept, kinds, b.n_fold)
+    kept = [i for i in range(ctx.num_layers) if i not in gone and i not in {u // 2 for u in half}]
+    children = fold_back(ctx, gone, kept, b.n_fold, half)
     removed = [u for u in removed_units if "." in u or int(u) not in children]
     return removed, groups_of(children), _gates(ctx, children)
 
