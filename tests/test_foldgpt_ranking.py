@@ -19,7 +19,7 @@ IDS = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(5))
 
 
 def test_greedy_foldgpt_folds_back_removed_layers_with_measured_gates(tiny_dirs, text_file):
-    ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=0.6)
+    ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=0.6, gate=foldgpt.GateConfig(unit="layer"))
     b = ctx.budget
     assert b.n_fold >= 1
     plan = get_method("foldgpt").run(ctx)
@@ -44,7 +44,7 @@ def test_greedy_foldgpt_folds_back_removed_layers_with_measured_gates(tiny_dirs,
 
 def test_greedy_ranking_equals_sleb_at_the_same_depth(tiny_dirs, text_file):
     """FoldGPT's greedy ranking is the SLEB search (shared: in one process it runs once)."""
-    ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=0.6)
+    ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=0.6, gate=foldgpt.GateConfig(unit="layer"))
     get_method("foldgpt").run(ctx)
     total = ctx.budget.n_remove + ctx.budget.n_fold
     sctx = make_ctx(tiny_dirs["llama"], text_file, "sleb", target=0.6)
@@ -174,6 +174,47 @@ def test_greedy_sublayer_ranking_needs_a_target(tiny_dirs, text_file):
                    gate=foldgpt.GateConfig(unit="sublayer"))
     with pytest.raises(foldgpt.FoldGPTError, match="needs --target-params"):
         get_method("foldgpt").run(ctx)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_auto_unit_folds_the_search_that_ends_at_the_lower_nll(tiny_dirs, text_file, kind):
+    """The default `--unit auto` runs both greedy searches and folds the one ending lower; its plan is then exactly
+    the plan of that unit alone."""
+    greedy_mod._MEMO.clear()
+    ctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5)
+    assert ctx.cfg.gate.unit == "auto"
+    plan = get_method("foldgpt").run(ctx)
+    choice = ctx.info["unit_choice"]
+    ends = choice["end_nll"]
+    assert choice["chosen"] == plan.unit == ("sublayer" if ends["sublayer"] < ends["layer"] else "layer")
+    for unit in ("layer", "sublayer"):
+        greedy_mod._MEMO.clear()
+        uctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, gate=foldgpt.GateConfig(unit=unit))
+        alone = get_method("foldgpt").run(uctx)
+        assert uctx.info["ranking"]["nll"][-1] == pytest.approx(ends[unit])  # each search as it runs alone
+        if unit == plan.unit:
+            assert (alone.removed, alone.groups, alone.child_gates) == (plan.removed, plan.groups, plan.child_gates)
+    # both searches are timed: a run that reuses them counts what each cost when it ran
+    rctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5)
+    greedy_mod._MEMO.clear()
+    get_method("foldgpt").run(ctx)
+    get_method("foldgpt").run(rctx)
+    clocks = [v[3][-1] for v in greedy_mod._MEMO.values()]  # each search's seconds when it ran
+    assert len(clocks) == 2 and rctx.info["reused_search_seconds"] == pytest.approx(sum(clocks))
+    assert rctx.info["unit_choice"] == choice
+
+
+def test_compress_records_the_auto_units_choice(tiny_dirs, text_file, tmp_path):
+    res = foldgpt.compress(str(tiny_dirs["llama"]), [str(text_file)], tmp_path / "o", fast_config(target_params=0.5))
+    saved = Plan.load(tmp_path / "o" / "plan.json")
+    choice = saved.provenance["unit_choice"]
+    assert choice["chosen"] == saved.unit == res.plan.unit and set(choice["end_nll"]) == {"layer", "sublayer"}
+
+
+def test_auto_unit_ranks_layers_without_a_target(tiny_dirs, text_file):
+    ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=None, remove_rate=0.25)
+    plan = get_method("foldgpt").run(ctx)
+    assert plan.unit == "layer" and ctx.info["ranking"]["unit"] == "layer" and "unit_choice" not in ctx.info
 
 
 def test_compress_reports_child_gates_before_and_after_the_cure(tiny_dirs, text_file, tmp_path):

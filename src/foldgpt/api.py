@@ -236,6 +236,7 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> Met
             "model": s.source, "text": s.corpus.sources, "text_sha256": s.corpus.sha256, "seed": cfg.seed,
             "config": cfg.to_dict(), "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **({"unit_choice": ctx.info["unit_choice"]} if "unit_choice" in ctx.info else {}),  # --unit auto
         }
         student = clone_sharing_weights(s.dense)
         apply_plan_(student, the_plan, s.adapter, seed=cfg.seed)

@@ -234,7 +234,7 @@ def _run_row(session, ledger: _Ledger, name: str, target: float, do_cure: bool, 
         "method": name, "target": target, "cure": do_cure,
         "unique_params": run.summary["unique_params"], "params_ratio": run.summary["params_ratio"],
         "flops_ratio": flops_per_token(run.student, session.adapter, eval_seq_len) / dense_flops,
-        "removed": run.plan.removed, "groups": run.plan.groups,
+        "unit": run.plan.unit, "removed": run.plan.removed, "groups": run.plan.groups,
         "child_gates": run.summary.get("child_gates", {}), "seconds": seconds, **ev,
         "eval_seconds": time.perf_counter() - t,
     }, plan_key=key)

@@ -49,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="foldgpt's joint ranking: greedy calibration NLL (fold-or-delete by cost) or learned gates")
     c.add_argument("--no-child-gates", dest="child_gates", action="store_false",
                    help="children run their parent's block at full weight (no measured branch gate)")
-    c.add_argument("--unit", choices=["layer", "sublayer"], default="layer",
+    c.add_argument("--unit", choices=["auto", "layer", "sublayer"], default="auto",
                    help="ranking unit: whole layers, or attention/MLP sub-blocks (greedy: BlockPruner's search, "
-                        "then removed whole layers fold back as children)")
+                        "then removed whole layers fold back as children); auto (default): greedy runs both "
+                        "searches and keeps the one ending at the lower calibration NLL, gates rank whole layers")
     c.add_argument("--protect-ends", action="store_true", help="never remove the first and last layer")
     c.add_argument("--seq-len", type=int, default=256)
     c.add_argument("--calib-seqs", type=int, default=512)

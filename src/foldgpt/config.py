@@ -14,7 +14,9 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass
 class GateConfig:
-    unit: str = "layer"  # "layer" or "sublayer" (attention and MLP separately)
+    # "layer", "sublayer" (attention and MLP separately) or "auto": the greedy ranking runs both searches and keeps
+    # the one that reaches the target at the lower calibration NLL; the gates ranking takes whole layers
+    unit: str = "auto"
     steps: int = 40
     rounds: int = 5  # removal happens over this many rounds of gate training
     batch_size: int = 4
@@ -29,9 +31,15 @@ class GateConfig:
     grad_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
 
     def __post_init__(self):
-        _check(self.unit in ("layer", "sublayer"), f"gate unit must be 'layer' or 'sublayer', got '{self.unit}'")
+        _check(self.unit in ("auto", "layer", "sublayer"),
+               f"gate unit must be 'auto', 'layer' or 'sublayer', got '{self.unit}'")
         _check(self.steps >= 1, "gate steps must be >= 1")
         _check(self.budget in ("project", "penalty"), "gate budget must be 'project' or 'penalty'")
+
+    @property
+    def fixed_unit(self) -> str:
+        """The unit a single ranking uses: "auto" is whole layers wherever no search comparison decides."""
+        return "layer" if self.unit == "auto" else self.unit
 
 
 @dataclass

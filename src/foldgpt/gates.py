@@ -173,14 +173,14 @@ def train_gates(model: nn.Module, adapter: Adapter, batches: torch.Tensor, to_re
     KL + lambda_pol * R_pol + lambda_budget * (C(g) - target)^2 instead, as METHOD.md writes it.
     """
     torch.manual_seed(seed)
-    names = unit_names(len(adapter.layers(model)), cfg.unit)
-    costs = unit_costs(model, adapter, cfg.unit, "flops" if cfg.unit == "sublayer" else "params",
-                       batches.shape[1])
-    param_costs = unit_costs(model, adapter, cfg.unit, "params", batches.shape[1])
+    unit = cfg.fixed_unit
+    names = unit_names(len(adapter.layers(model)), unit)
+    costs = unit_costs(model, adapter, unit, "flops" if unit == "sublayer" else "params", batches.shape[1])
+    param_costs = unit_costs(model, adapter, unit, "params", batches.shape[1])
     protected = protected or set()
     for p in model.parameters():
         p.requires_grad_(False)
-    gates = GateSet(model, adapter, cfg.unit)
+    gates = GateSet(model, adapter, unit)
     g = torch.Generator().manual_seed(seed)
     n_units = len(names)
     alive = torch.ones(n_units, dtype=torch.bool)

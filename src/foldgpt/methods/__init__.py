@@ -42,7 +42,8 @@ class Context:
 def make_plan(cfg: CompressConfig, model, adapter: Adapter, removed: list[str], groups: list[list[int]],
               **kw) -> Plan:
     """A plan for `model` removing `removed` and folding `groups`, with the fold settings of `cfg`; its unit is
-    the one its method always ranks (BlockPruner: sub-blocks), else the config's."""
+    `unit=` when given (the one `--unit auto` chose), else the one its method always ranks (BlockPruner:
+    sub-blocks), else the config's."""
     fixed = METHODS[kw["method"]].unit if kw.get("method") in METHODS else None
     return Plan(
         num_layers=len(adapter.layers(model)),
@@ -56,7 +57,7 @@ def make_plan(cfg: CompressConfig, model, adapter: Adapter, removed: list[str], 
         position_gates=cfg.fold.position_gates,
         child_gates=kw.pop("child_gates", {}),
         across_kinds=cfg.fold.across_kinds,
-        unit=fixed or cfg.gate.unit,
+        unit=kw.pop("unit", None) or fixed or cfg.gate.fixed_unit,
         **kw,
     )
 

@@ -1,8 +1,10 @@
 """FoldGPT: rank the blocks jointly, delete the least useful, fold the next ones onto a neighbour's weights.
 
 Two rankings (`--ranking`):
-- "greedy" (default): remove whole layers one at a time by calibration NLL (each step with the earlier
-  removals in place) until the removal *and* folding budget is spent, then bring back as folded children
+- "greedy" (default): remove whole layers (or, `--unit sublayer`, attention and MLP sub-blocks; `--unit auto`, the
+  default: both searches, the one ending at the lower calibration NLL kept) one at a time by calibration NLL (each
+  step with the earlier removals in place) until the removal *and* folding budget is spent, then bring back as
+  folded children
   the removed layers that lower the calibration NLL most when they run a same-kind neighbour's weights
   (`--fold-across-kinds`: or the nearest of another attention kind, same shapes) (their own norms, a rank-r
   delta, and a branch gate set to the measured best value). Every child
@@ -132,21 +134,30 @@ def neighbours(layer: int, kept: list[int], kinds: list[str], across_kinds: bool
     return out
 
 
-def greedy_fold(ctx: Context) -> tuple[list[str], list[list[int]], dict[str, float]]:
-    """Greedy NLL removal of n_remove + n_fold layers, then the n_fold removed layers whose folding onto a
-    neighbour helps most come back as children. Returns (removed units, groups, child gate values)."""
-    b = ctx.budget
-    total = b.n_remove + b.n_fold
+def layer_search(ctx: Context) -> tuple[list[int], list[float]]:
+    """Greedy NLL removal of n_remove + n_fold whole layers (the children come back from these)."""
+    total = ctx.budget.n_remove + ctx.budget.n_fold
     if total == 0:
-        return [], [], {}
-    order, nlls = greedy_removal(ctx, "layer", [1.0] * ctx.num_layers, total, "FoldGPT ranking")
-    ctx.info["ranking"] = {"order": order, "nll": nlls}
-    if b.n_fold == 0:
+        return [], []
+    return greedy_removal(ctx, "layer", [1.0] * ctx.num_layers, total, "FoldGPT ranking (layers)")
+
+
+def fold_layers(ctx: Context, order: list[int], nlls: list[float]) -> tuple[list[str], list[list[int]], dict]:
+    """The n_fold layers of the layer search whose folding onto a neighbour helps most come back as children.
+    Returns (removed units, groups, child gate values)."""
+    ctx.info["ranking"] = {"unit": "layer", "order": order, "nll": nlls}
+    if ctx.budget.n_fold == 0 or not order:
         return [str(i) for i in sorted(order)], [], {}
     gone = set(order)
-    children = fold_back(ctx, gone, [i for i in range(ctx.num_layers) if i not in gone], b.n_fold)
+    children = fold_back(ctx, gone, [i for i in range(ctx.num_layers) if i not in gone], ctx.budget.n_fold)
     removed = [str(i) for i in sorted(gone - set(children))]
     return removed, groups_of(children), _gates(ctx, children)
+
+
+def greedy_fold(ctx: Context) -> tuple[list[str], list[list[int]], dict[str, float]]:
+    """`--unit layer`: greedy NLL removal of n_remove + n_fold layers, then the n_fold removed layers whose folding
+    onto a neighbour helps most come back as children. Returns (removed units, groups, child gate values)."""
+    return fold_layers(ctx, *layer_search(ctx))
 
 
 def fold_back(ctx: Context, gone: set[int], kept: list[int], n_fold: int,
@@ -196,29 +207,62 @@ def _gates(ctx: Context, children: dict[int, tuple[int, float]]) -> dict[str, fl
     return {str(c): g for c, (_, g) in children.items()} if ctx.cfg.fold.child_gates else {}
 
 
-def greedy_fold_sublayers(ctx: Context) -> tuple[list[str], list[list[int]], dict[str, float]]:
-    """`--unit sublayer`: the greedy NLL search removes attention and MLP sub-blocks (BlockPruner's search) until
-    the target is met with room for the budget's children, then removed *whole* layers come back as children of a
-    kept whole layer (a layer that lost one sub-block is neither parent nor child). Returns as greedy_fold."""
-    from .blockpruner import sublayer_params, units_to_plan
+def sublayer_search(ctx: Context) -> tuple[list[int], list[float]]:
+    """Greedy NLL removal of attention and MLP sub-blocks (BlockPruner's search, indexed as
+    unit_names(..., "sublayer")) until the target is met with room for the budget's children."""
+    from .blockpruner import sublayer_params
 
     b = ctx.budget
     if b.target_params is None:
         raise FoldGPTError("--ranking greedy with --unit sublayer needs --target-params (not --remove-rate alone)")
-    names = unit_names(ctx.num_layers, "sublayer")
-    costs = sublayer_params(ctx.model, ctx.adapter)
     need = b.base_params - b.target_params + b.n_fold * b.child_cost  # each child is paid for by deleting more
-    order, nlls = greedy_removal(ctx, "sublayer", costs, need, "FoldGPT ranking")
-    ctx.info["ranking"] = {"order": [names[u] for u in order], "nll": nlls}
+    if need <= 0:
+        return [], []
+    return greedy_removal(ctx, "sublayer", sublayer_params(ctx.model, ctx.adapter), need,
+                          "FoldGPT ranking (sub-blocks)")
+
+
+def fold_sublayers(ctx: Context, order: list[int], nlls: list[float]) -> tuple[list[str], list[list[int]], dict]:
+    """Removed *whole* layers of the sub-block search come back as children of a kept whole layer (a layer that
+    lost one sub-block is neither parent nor child). Returns as fold_layers."""
+    from .blockpruner import units_to_plan
+
+    names = unit_names(ctx.num_layers, "sublayer")
+    ctx.info["ranking"] = {"unit": "sublayer", "order": [names[u] for u in order], "nll": nlls}
     removed_units = units_to_plan([names[u] for u in order])
     gone = {u // 2 for u in order if u ^ 1 in order}  # layers that lost both sub-blocks
     half = {u for u in order if u // 2 not in gone}  # sub-blocks removed from layers that keep the other one
-    if b.n_fold == 0 or not gone:
+    if ctx.budget.n_fold == 0 or not gone:
         return removed_units, [], {}
     kept = [i for i in range(ctx.num_layers) if i not in gone and i not in {u // 2 for u in half}]
-    children = fold_back(ctx, gone, kept, b.n_fold, half)
+    children = fold_back(ctx, gone, kept, ctx.budget.n_fold, half)
     removed = [u for u in removed_units if "." in u or int(u) not in children]
     return removed, groups_of(children), _gates(ctx, children)
+
+
+def greedy_fold_sublayers(ctx: Context) -> tuple[list[str], list[list[int]], dict[str, float]]:
+    """`--unit sublayer`: the sub-block search, then removed whole layers fold back (fold_sublayers)."""
+    return fold_sublayers(ctx, *sublayer_search(ctx))
+
+
+def greedy_fold_auto(ctx: Context) -> tuple[str, tuple[list[str], list[list[int]], dict[str, float]]]:
+    """`--unit auto` (the default): run the whole-layer and the sub-block search, each to the target with room for
+    the children, and fold the one that ends at the lower calibration NLL (same windows, same budget). Whole
+    layers are the better unit when the target leaves many layers (a sub-block search spends steps on cheap
+    attention blocks and still has to take MLPs); sub-blocks when it leaves few, where the choice of what to keep
+    in each layer matters most. Measuring both decides per model and target instead of a rule of thumb.
+    Returns (the chosen unit, the plan's parts as greedy_fold)."""
+    if ctx.budget.target_params is None:
+        log.info("--unit auto: ranking whole layers (a sub-block search needs --target-params)")
+        return "layer", greedy_fold(ctx)
+    layers = layer_search(ctx)
+    subs = sublayer_search(ctx)
+    ends = {"layer": layers[1][-1] if layers[1] else None, "sublayer": subs[1][-1] if subs[1] else None}
+    unit = "sublayer" if None not in ends.values() and ends["sublayer"] < ends["layer"] else "layer"
+    ctx.info["unit_choice"] = {"chosen": unit, "end_nll": ends}
+    log.info("--unit auto: the layer search ends at calibration NLL %s, the sub-block search at %s: folding %ss",
+             *(f"{v:.4f}" if v is not None else "-" for v in ends.values()), unit)
+    return unit, fold_layers(ctx, *layers) if unit == "layer" else fold_sublayers(ctx, *subs)
 
 
 def measured_child_gates(ctx: Context, removed: list[str], groups: list[list[int]]) -> dict[str, float]:
@@ -235,7 +279,11 @@ def measured_child_gates(ctx: Context, removed: list[str], groups: list[list[int
 
 def run(ctx: Context) -> Plan:
     if ctx.cfg.ranking == "greedy":
-        removed, groups, child_gates = greedy_fold(ctx) if ctx.cfg.gate.unit == "layer" else greedy_fold_sublayers(ctx)
+        unit = ctx.cfg.gate.unit
+        if unit == "auto":
+            unit, (removed, groups, child_gates) = greedy_fold_auto(ctx)
+        else:
+            removed, groups, child_gates = greedy_fold(ctx) if unit == "layer" else greedy_fold_sublayers(ctx)
         gates: dict[str, float] = {}
     else:
         with autocast(ctx.model.device, ctx.cfg.precision):
@@ -243,8 +291,9 @@ def run(ctx: Context) -> Plan:
             log.info("removing %s", removed)
             groups = choose_groups(ctx, removed)
         child_gates = measured_child_gates(ctx, removed, groups)
+        unit = ctx.cfg.gate.fixed_unit
     log.info("removing %s; folding groups %s (child gates %s)", removed, groups, child_gates)
-    return ctx.new_plan(removed, groups, method="foldgpt", gates=gates, child_gates=child_gates)
+    return ctx.new_plan(removed, groups, method="foldgpt", gates=gates, child_gates=child_gates, unit=unit)
 
 
 def run_bi(ctx: Context) -> Plan:

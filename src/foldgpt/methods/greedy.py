@@ -89,6 +89,11 @@ def _disk_save(name: str, order: list[int], nlls: list[float], seconds: list[flo
     write_json_atomic(SEARCH_DIR / name, {"order": order, "nll": nlls, "seconds": seconds})
 
 
+def _add_reused(ctx: Context, seconds: float) -> None:
+    """Count the seconds a reused search cost when it ran into the run's time (a run may reuse two searches)."""
+    ctx.info["reused_search_seconds"] = ctx.info.get("reused_search_seconds", 0.0) + seconds
+
+
 def _memo_key(ctx: Context, unit: str, costs: list[float], ids: torch.Tensor) -> tuple:
     return (id(ctx.model), ids.data_ptr(), tuple(ids.shape), int(ids[:, :8].sum()), unit, tuple(costs),
             tuple(sorted(ctx.protected())), ctx.cfg.streaming, str(ctx.cfg.device))
@@ -117,10 +122,10 @@ def greedy_removal(ctx: Context, unit: str, costs: list[float], need: float, lab
             n += 1
         if saved >= need - 1e-9:
             log.info("%s: reusing an earlier greedy search of this model and calibration set", label)
-            ctx.info["reused_search_seconds"] = clock[n - 1]  # what the search cost when it ran
+            _add_reused(ctx, clock[n - 1])  # what the search cost when it ran
             return list(order[:n]), list(nlls[:n])
         start = (list(order), list(nlls))
-        ctx.info["reused_search_seconds"] = clock[-1] if clock else 0.0
+        _add_reused(ctx, clock[-1] if clock else 0.0)
     base = clock[-1] if clock else 0.0
 
     def on_step(order: list[int], scores: list[float], steps: list[float]) -> None:
@@ -129,7 +134,8 @@ def greedy_removal(ctx: Context, unit: str, costs: list[float], need: float, lab
 
     removed, nlls, steps = _search(ctx, unit, costs, need, label, ids, whole_forward, start, on_step=on_step)
     if not whole_forward:
-        _MEMO.clear()  # one model at a time: do not keep scores of models that are gone
+        for k in [k for k, v in _MEMO.items() if v[0]() is not ctx.model]:
+            del _MEMO[k]  # one model at a time: do not keep scores of models that are gone
         _MEMO[key] = (weakref.ref(ctx.model), list(removed), list(nlls), list(clock) + [base + t for t in steps])
     return removed, nlls
 

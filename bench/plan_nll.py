@@ -1,0 +1,77 @@
+"""Calibration NLL of finished bench rows' plans before the cure: the number the greedy searches and `--unit auto`
+compare, next to each row's perplexity after the cure, to see how well it predicts the cured result.
+
+    python bench/plan_nll.py smollm2-135m P/part3/results.json:foldgpt P/part5/results.json:blockpruner \
+        --json bench/results/plan_nll_smollm2-135m.json
+
+Each SOURCE is a results.json (or OUT.rows.jsonl) with the methods to take after the colon (every target, the cured
+row where there is one). The plan is rebuilt from the row (removed units, groups, child gates at their start
+values) and scored on the windows the greedy searches use (the first 4 x cost_batch calibration windows of the
+bench's five-novel calibration set; same seed and settings as `bench/table_smollm2.sh`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from render_rows import read_records
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+NOVELS = ["emma", "mansfieldpark", "sensesensibility", "northangerabbey", "persuasion"]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("sources", nargs="+", help="SOURCE:METHOD,METHOD...")
+    p.add_argument("--data", default=os.environ.get("SHARED_DATA", "../shared/data"))
+    p.add_argument("--json", default=None, help="also write the rows here")
+    a = p.parse_args(argv)
+
+    import torch
+
+    from foldgpt import CompressConfig
+    from foldgpt.api import prepare
+    from foldgpt.bench import _plan_from_row, variant_config
+    from foldgpt.methods.greedy import calibration_nll
+    from foldgpt.plan import write_json_atomic
+    from foldgpt.structure import apply_plan_
+    from foldgpt.weights import clone_sharing_weights
+
+    text = [str(Path(a.data) / "corpora/austen" / f"austen_{n}.txt") for n in NOVELS]
+    base = CompressConfig()
+    session = prepare(a.model, text, base)
+    ids = session.calib[: base.fold.cost_batch * 4]
+    out = []
+    for spec in a.sources:
+        path, _, methods = spec.rpartition(":")
+        rows = [rec["row"] for rec in read_records(path)]
+        for name in methods.split(","):
+            picked = {}
+            for r in rows:  # per target, the cured row where there is one
+                if r["method"] == name and (r["target"] not in picked or r["cure"]):
+                    picked[r["target"]] = r
+            if not picked:
+                raise SystemExit(f"error: {path} has no rows for {name}")
+            for target, r in sorted(picked.items()):
+                cfg = variant_config(name, base, target, None)
+                plan = _plan_from_row(r, cfg, session)
+                student = clone_sharing_weights(session.dense)
+                apply_plan_(student, plan, session.adapter)
+                with torch.no_grad():
+                    nll = calibration_nll(student, ids)
+                cured = [x for x in rows if x["method"] == name and x["target"] == target and x["cure"]]
+                ppl = next(iter(cured[0]["perplexity"].values())) if cured else None
+                out.append({"method": name, "target": target, "unit": plan.unit, "params_ratio": r["params_ratio"],
+                            "calibration_nll": nll, "cured_perplexity": ppl})
+                print(f"{name:32s} {target:.2f} {plan.unit:8s} params {r['params_ratio']:.3f}  "
+                      f"calibration NLL {nll:.4f}  cured PPL {ppl if ppl is None else round(ppl, 2)}", flush=True)
+    if a.json:
+        write_json_atomic(Path(a.json), out)
+
+
+if __name__ == "__main__":
+    main()
