@@ -181,8 +181,8 @@ def test_auto_unit_folds_the_search_that_ends_at_the_lower_nll(tiny_dirs, text_f
     """The default `--unit auto` runs both greedy searches and folds the one ending lower; its plan is then exactly
     the plan of that unit alone."""
     greedy_mod._MEMO.clear()
-    ctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5)
-    assert ctx.cfg.gate.unit == "auto"
+    ctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, gate=foldgpt.GateConfig(unit="auto"))
+    assert foldgpt.CompressConfig().gate.unit == "auto"  # the default
     plan = get_method("foldgpt").run(ctx)
     choice = ctx.info["unit_choice"]
     ends = choice["end_nll"]
@@ -195,7 +195,7 @@ def test_auto_unit_folds_the_search_that_ends_at_the_lower_nll(tiny_dirs, text_f
         if unit == plan.unit:
             assert (alone.removed, alone.groups, alone.child_gates) == (plan.removed, plan.groups, plan.child_gates)
     # both searches are timed: a run that reuses them counts what each cost when it ran
-    rctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5)
+    rctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, gate=foldgpt.GateConfig(unit="auto"))
     greedy_mod._MEMO.clear()
     get_method("foldgpt").run(ctx)
     get_method("foldgpt").run(rctx)
@@ -205,14 +205,16 @@ def test_auto_unit_folds_the_search_that_ends_at_the_lower_nll(tiny_dirs, text_f
 
 
 def test_compress_records_the_auto_units_choice(tiny_dirs, text_file, tmp_path):
-    res = foldgpt.compress(str(tiny_dirs["llama"]), [str(text_file)], tmp_path / "o", fast_config(target_params=0.5))
+    cfg = fast_config(target_params=0.5, gate=foldgpt.GateConfig(steps=24, batch_size=4))  # the default unit: auto
+    res = foldgpt.compress(str(tiny_dirs["llama"]), [str(text_file)], tmp_path / "o", cfg)
     saved = Plan.load(tmp_path / "o" / "plan.json")
     choice = saved.provenance["unit_choice"]
     assert choice["chosen"] == saved.unit == res.plan.unit and set(choice["end_nll"]) == {"layer", "sublayer"}
 
 
 def test_auto_unit_ranks_layers_without_a_target(tiny_dirs, text_file):
-    ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=None, remove_rate=0.25)
+    ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=None, remove_rate=0.25,
+                   gate=foldgpt.GateConfig(unit="auto"))
     plan = get_method("foldgpt").run(ctx)
     assert plan.unit == "layer" and ctx.info["ranking"]["unit"] == "layer" and "unit_choice" not in ctx.info
 
