@@ -177,31 +177,42 @@ def test_greedy_sublayer_ranking_needs_a_target(tiny_dirs, text_file):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-def test_auto_unit_folds_the_search_that_ends_at_the_lower_nll(tiny_dirs, text_file, kind):
-    """The default `--unit auto` runs both greedy searches and folds the one ending lower; its plan is then exactly
-    the plan of that unit alone."""
+def test_auto_unit_folds_sub_blocks_only_when_their_nll_rise_is_clearly_smaller(tiny_dirs, text_file, kind,
+                                                                                monkeypatch):
+    """The default `--unit auto` runs both greedy searches and folds the sub-block one only when its NLL rise over
+    the dense model is at most AUTO_SUBLAYER_RISE x the layer search's; its plan is then exactly the plan of the
+    chosen unit alone."""
+    from foldgpt.methods import foldgpt as fg
+
     greedy_mod._MEMO.clear()
     ctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, gate=foldgpt.GateConfig(unit="auto"))
     assert foldgpt.CompressConfig().gate.unit == "auto"  # the default
     plan = get_method("foldgpt").run(ctx)
     choice = ctx.info["unit_choice"]
-    ends = choice["end_nll"]
-    assert choice["chosen"] == plan.unit == ("sublayer" if ends["sublayer"] < ends["layer"] else "layer")
+    ends, dense = choice["end_nll"], choice["dense_nll"]
+    assert dense == pytest.approx(greedy_mod.calibration_nll(ctx.model, ctx.calib[: ctx.cfg.fold.cost_batch * 4]))
+    ratio = (ends["sublayer"] - dense) / (ends["layer"] - dense)
+    assert choice["rise_ratio"] == pytest.approx(ratio)
+    assert choice["chosen"] == plan.unit == ("sublayer" if ratio <= fg.AUTO_SUBLAYER_RISE else "layer")
+    plans = {}
     for unit in ("layer", "sublayer"):
         greedy_mod._MEMO.clear()
         uctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, gate=foldgpt.GateConfig(unit=unit))
         alone = get_method("foldgpt").run(uctx)
         assert uctx.info["ranking"]["nll"][-1] == pytest.approx(ends[unit])  # each search as it runs alone
-        if unit == plan.unit:
-            assert (alone.removed, alone.groups, alone.child_gates) == (plan.removed, plan.groups, plan.child_gates)
+        plans[unit] = (alone.removed, alone.groups, alone.child_gates)
+    assert (plan.removed, plan.groups, plan.child_gates) == plans[plan.unit]
+    # either way round the threshold, the plan is the chosen unit's (both searches now come from the memo)
+    for limit, unit in ((ratio - 0.01, "layer"), (ratio + 0.01, "sublayer")):
+        monkeypatch.setattr(fg, "AUTO_SUBLAYER_RISE", limit)
+        forced = get_method("foldgpt").run(make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5,
+                                                    gate=foldgpt.GateConfig(unit="auto")))
+        assert forced.unit == unit and (forced.removed, forced.groups, forced.child_gates) == plans[unit]
     # both searches are timed: a run that reuses them counts what each cost when it ran
     rctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, gate=foldgpt.GateConfig(unit="auto"))
-    greedy_mod._MEMO.clear()
-    get_method("foldgpt").run(ctx)
     get_method("foldgpt").run(rctx)
     clocks = [v[3][-1] for v in greedy_mod._MEMO.values()]  # each search's seconds when it ran
     assert len(clocks) == 2 and rctx.info["reused_search_seconds"] == pytest.approx(sum(clocks))
-    assert rctx.info["unit_choice"] == choice
 
 
 def test_compress_records_the_auto_units_choice(tiny_dirs, text_file, tmp_path):

@@ -15,7 +15,8 @@ def _check(cond: bool, msg: str) -> None:
 @dataclass
 class GateConfig:
     # "layer", "sublayer" (attention and MLP separately) or "auto": the greedy ranking runs both searches and keeps
-    # the one that reaches the target at the lower calibration NLL; the gates ranking takes whole layers
+    # sub-blocks only when they reach the target at a clearly lower calibration NLL (methods/foldgpt.py:
+    # AUTO_SUBLAYER_RISE), else whole layers; the gates ranking takes whole layers
     unit: str = "auto"
     steps: int = 40
     rounds: int = 5  # removal happens over this many rounds of gate training
