@@ -1,5 +1,6 @@
 """Calibration NLL of finished bench rows' plans before the cure: the number the greedy searches and `--unit auto`
-compare, next to each row's perplexity after the cure, to see how well it predicts the cured result.
+compare (and its rise over the dense model, which `--unit auto` compares), next to each row's perplexity after
+the cure, to see how well it predicts the cured result.
 
     python bench/plan_nll.py smollm2-135m P/part3/results.json:foldgpt P/part5/results.json:blockpruner \
         --json bench/results/plan_nll_smollm2-135m.json
@@ -45,7 +46,10 @@ def main(argv=None) -> None:
     base = CompressConfig()
     session = prepare(a.model, text, base)
     ids = session.calib[: base.fold.cost_batch * 4]
-    out = []
+    with torch.no_grad():
+        dense = calibration_nll(session.dense, ids)
+    print(f"{'dense':32s}      calibration NLL {dense:.4f}", flush=True)
+    out = [{"method": "dense", "calibration_nll": dense}]
     for spec in a.sources:
         path, _, methods = spec.rpartition(":")
         rows = [rec["row"] for rec in read_records(path)]
@@ -66,11 +70,34 @@ def main(argv=None) -> None:
                 cured = [x for x in rows if x["method"] == name and x["target"] == target and x["cure"]]
                 ppl = next(iter(cured[0]["perplexity"].values())) if cured else None
                 out.append({"method": name, "target": target, "unit": plan.unit, "params_ratio": r["params_ratio"],
-                            "calibration_nll": nll, "cured_perplexity": ppl})
+                            "calibration_nll": nll, "nll_rise": nll - dense, "cured_perplexity": ppl})
                 print(f"{name:32s} {target:.2f} {plan.unit:8s} params {r['params_ratio']:.3f}  "
-                      f"calibration NLL {nll:.4f}  cured PPL {ppl if ppl is None else round(ppl, 2)}", flush=True)
+                      f"calibration NLL {nll:.4f} (rise {nll - dense:.4f})  "
+                      f"cured PPL {ppl if ppl is None else round(ppl, 2)}", flush=True)
+    pairs = agreement([r for r in out if r.get("cured_perplexity") is not None])
+    print("\npairs of plans at one target, by the ratio of their NLL rises (smaller / larger): does the plan with the "
+          "smaller rise also have the lower perplexity after the cure?")
+    for q in pairs:
+        print(f"  {q['ratio']:.2f}  {q['target']:.2f}  {q['lower']} ({q['lower_ppl']:.2f}) vs {q['higher']} "
+              f"({q['higher_ppl']:.2f}): {'yes' if q['agrees'] else 'NO'}")
     if a.json:
-        write_json_atomic(Path(a.json), out)
+        write_json_atomic(Path(a.json), {"rows": out, "pairs": pairs})
+
+
+def agreement(rows: list[dict]) -> list[dict]:
+    """Every pair of rows at one target, sorted by the ratio of their NLL rises, with whether the smaller rise
+    also has the lower cured perplexity."""
+    pairs = []
+    for i, x in enumerate(rows):
+        for y in rows[i + 1:]:
+            if x["target"] != y["target"]:
+                continue
+            lo, hi = sorted((x, y), key=lambda r: r["nll_rise"])
+            pairs.append({"target": x["target"], "lower": lo["method"], "higher": hi["method"],
+                          "ratio": lo["nll_rise"] / hi["nll_rise"], "lower_ppl": lo["cured_perplexity"],
+                          "higher_ppl": hi["cured_perplexity"],
+                          "agrees": lo["cured_perplexity"] < hi["cured_perplexity"]})
+    return sorted(pairs, key=lambda q: q["ratio"])
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranking unit: whole layers, or attention/MLP sub-blocks (greedy: BlockPruner's search, "
                         "then removed whole layers fold back as children); auto (default): greedy runs both "
                         "searches and folds sub-blocks only when their calibration NLL rise is clearly smaller "
-                        "(<= 0.75 x the layer search's), else layers; gates rank whole layers")
+                        "(<= 0.6 x the layer search's), else layers; gates rank whole layers")
     c.add_argument("--protect-ends", action="store_true", help="never remove the first and last layer")
     c.add_argument("--seq-len", type=int, default=256)
     c.add_argument("--calib-seqs", type=int, default=512)
