@@ -36,7 +36,8 @@ def main(argv=None) -> None:
     renames: dict[tuple[str, str], str] = {}
     for spec in a.rename:
         path, _, pair = spec.rpartition(":")
-        old, sep, new = pair.partition("=")
+        cut = pair.find("]=") + 1 if "]=" in pair else pair.find("=")  # OLD may be a variant with "=" inside
+        old, sep, new = pair[:cut], pair[cut:cut + 1], pair[cut + 1:]
         if not path or not sep:
             p.error(f"--rename {spec}: write FILE:OLD=NEW")
         renames[(path, old)] = new
