@@ -62,6 +62,9 @@ def main(argv=None) -> None:
                 raise SystemExit(f"error: {path} has no rows for {name}")
             for target, r in sorted(picked.items()):
                 cfg = variant_config(name, base, target, None)
+                if r.get("groups") and cfg.fold.child_gates and "child_gates" not in r:
+                    raise SystemExit(f"error: {path}: the {name} row at {target} predates recorded child gates, so "
+                                     "its plan cannot be rebuilt; take a row of the same plan that records them")
                 plan = _plan_from_row(r, cfg, session)
                 student = clone_sharing_weights(session.dense)
                 apply_plan_(student, plan, session.adapter)

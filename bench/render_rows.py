@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     for spec in a.rename:
         path, _, pair = spec.rpartition(":")
         cut = pair.find("]=") + 1 if "]=" in pair else pair.find("=")  # OLD may be a variant with "=" inside
-        old, sep, new = pair[:cut], pair[cut:cut + 1], pair[cut + 1:]
+        old, sep, new = (pair[:cut], "=", pair[cut + 1:]) if cut > 0 else (pair, "", "")
         if not path or not sep:
             p.error(f"--rename {spec}: write FILE:OLD=NEW")
         renames[(path, old)] = new

@@ -268,7 +268,7 @@ def greedy_fold_auto(ctx: Context) -> tuple[str, tuple[list[str], list[list[int]
     from .greedy import calibration_nll
 
     with torch.no_grad():
-        dense = calibration_nll(ctx.model, ctx.calib[: ctx.cfg.fold.cost_batch * 4].to(ctx.model.device))
+        dense = calibration_nll(ctx.model, ctx.calib[: ctx.cfg.fold.cost_batch * 4])  # the searches' windows
     rise = {"layer": layers[1][-1] - dense, "sublayer": subs[1][-1] - dense}
     ratio = rise["sublayer"] / rise["layer"] if rise["layer"] > 0 else float("inf")
     unit = "sublayer" if ratio <= AUTO_SUBLAYER_RISE else "layer"
