@@ -239,7 +239,8 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> Met
             **({"unit_choice": ctx.info["unit_choice"]} if "unit_choice" in ctx.info else {}),  # --unit auto
         }
         student = clone_sharing_weights(s.dense)
-        apply_plan_(student, the_plan, s.adapter, seed=cfg.seed)
+        apply_plan_(student, the_plan, s.adapter, seed=cfg.seed,
+                    fits=ctx.child_fits() if the_plan.adapter_init == "fit" and the_plan.groups else None)
         traffic = placement.follow(student, s.adapter, s.dense)  # each layer where the weights it borrows live
     held = s.held()
     do_cure = method.cures_by_default if cfg.cure is None else cfg.cure

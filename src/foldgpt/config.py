@@ -56,11 +56,25 @@ class FoldConfig:
     # a child may also borrow the nearest kept layer of another attention kind (Gemma-3: a sliding-window child on a
     # global layer's weights, same shapes); the measured child search decides whether it helps
     across_kinds: bool = False
+    # --ranking search (methods/search.py): fitted children at these costs (fractions of a block's parameters)
+    child_fractions: list[float] = field(default_factory=lambda: [0.125, 0.25])
+    rescore: int = 6  # after the first step, re-score only this many best actions (<= 0: every action, every step)
+    score: str = "nll"  # "nll" (the vocabulary head) or "topk" (the teacher's top-k tokens + the target)
+    topk: int = 64
+    search_windows: int = 4  # calibration windows the search scores on
+    fit_windows: int = 32  # calibration windows whose activations the children are fitted on
+    alpha: bool = True  # a child Linear may add alpha * parent where that lowers its calibration error
+    alpha_margin: float = 0.1  # ... by more than this fraction
 
     def __post_init__(self):
         _check(self.group_size >= 1, "group size must be >= 1 (1 disables folding)")
         _check(self.adapter_rank >= 0, "adapter rank must be >= 0")
-        _check(self.adapter_init in ("zero", "svd"), "adapter init must be 'zero' or 'svd'")
+        _check(self.adapter_init in ("zero", "svd", "fit"), "adapter init must be 'zero', 'svd' or 'fit'")
+        _check(all(0 < f < 1 for f in self.child_fractions) and len(self.child_fractions) > 0,
+               "child fractions must be in (0, 1)")
+        _check(self.score in ("nll", "topk"), f"search score must be 'nll' or 'topk', got '{self.score}'")
+        _check(self.topk >= 1 and self.search_windows >= 1 and self.fit_windows >= 1,
+               "--topk, search windows and fit windows must be >= 1")
         _check(self.select in ("loss", "adjacent"), "fold selection must be 'loss' or 'adjacent'")
 
 
@@ -102,7 +116,9 @@ class CompressConfig:
     target_params: float | None = 0.75  # fraction of unique parameters kept
     remove_rate: float | None = None  # fraction of layers removed (with group_size: sets the split directly)
     remove_share: float = 0.5  # with only a target: share of the savings taken by removal
-    ranking: str = "greedy"  # foldgpt's ranking: "greedy" (calibration NLL, fold-or-delete by cost) or "gates"
+    # foldgpt's ranking: "search" (one search over keep / delete sub-block / delete / fitted child, methods/search.py),
+    # "greedy" (whole-layer or sub-block greedy NLL removal, then children fold back) or "gates" (learned gates)
+    ranking: str = "search"
     protect_ends: bool = False
     seq_len: int = 256
     calib_seqs: int = 512
@@ -126,7 +142,8 @@ class CompressConfig:
         _check(self.target_params is not None or self.remove_rate is not None,
                "give --target-params or --remove-rate")
         _check(0.0 <= self.remove_share <= 1.0, "remove share must be in [0, 1]")
-        _check(self.ranking in ("greedy", "gates"), f"--ranking must be 'greedy' or 'gates', got '{self.ranking}'")
+        _check(self.ranking in ("search", "greedy", "gates"),
+               f"--ranking must be 'search', 'greedy' or 'gates', got '{self.ranking}'")
         _check(self.seq_len >= 8, "--seq-len must be >= 8")
         _check(self.calib_seqs >= 1, "calibration sequences must be >= 1")
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"),

@@ -38,6 +38,8 @@ def trainable_parameters(model: nn.Module, adapter: Adapter, train_all_norms: bo
             if isinstance(mod, SharedLinear) and mod.rank > 0:
                 chosen[id(mod.lora_A)] = mod.lora_A
                 chosen[id(mod.lora_B)] = mod.lora_B
+            if isinstance(mod, SharedLinear) and mod.mode == "alpha":
+                chosen[id(mod.alpha)] = mod.alpha
             elif name in adapter.norms(layer) and ((is_child and train_child_norms) or train_all_norms):
                 for p in mod.parameters(recurse=False):
                     chosen[id(p)] = p

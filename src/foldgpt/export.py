@@ -24,7 +24,7 @@ def _dense_linear(view: SharedLinear) -> nn.Linear:
     with torch.no_grad():
         lin.weight.copy_(view.merged_weight())
         if base.bias is not None:
-            lin.bias.copy_(base.bias)
+            lin.bias.copy_(view.merged_bias())
     return lin
 
 

@@ -7,6 +7,8 @@ A folded checkpoint is the base architecture with a *layout* applied:
 - `kept`: the original layer that each position comes from (removed layers are gone);
 - `parents`: for each shared position, the position whose Linear modules it runs (the same module
   objects, so one storage), through a `SharedLinear` that may add its own low-rank delta;
+- `child_ranks` / `child_modes`: per child position, the rank of its low-rank factors (default `adapter_rank`)
+  and, per Linear, how the parent's matrix enters ("shared", "alpha": a fitted scalar, "own": not at all);
 - `removed_sublayers`: attention/MLP branches deleted inside a kept layer (they contribute zero);
 - `position_gates`: an optional learnable scalar on each position's residual branch;
 - `child_gates`: positions (folded children) whose attention and MLP branch outputs are scaled by one
@@ -29,27 +31,59 @@ WEIGHTS_NAME = "model.safetensors"
 
 class SharedLinear(nn.Module):
     """A child's view of its parent's Linear: the same weights (one storage) plus an optional
-    low-rank delta B @ A owned by the child."""
+    low-rank delta B @ A owned by the child.
 
-    def __init__(self, base: nn.Linear, rank: int = 0):
+    `mode` says how the parent's matrix enters: "shared" y = W_p x + B A x (the parent at full strength),
+    "alpha" y = alpha W_p x + B A x + b (a fitted scalar on the parent, own bias), "own" y = B A x + b (the
+    parent's matrix is not run: a low-rank child fitted to its own original weights)."""
+
+    MODES = ("shared", "alpha", "own")
+
+    def __init__(self, base: nn.Linear, rank: int = 0, mode: str = "shared"):
         super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"unknown SharedLinear mode '{mode}'")
+        if mode == "own" and rank <= 0:
+            raise ValueError("an 'own' child Linear needs a rank > 0")
         self.base = base
         self.rank = rank
+        self.mode = mode
         self.in_features, self.out_features = base.in_features, base.out_features
+        w = base.weight
         if rank > 0:
-            w = base.weight
             self.lora_A = nn.Parameter(torch.zeros(rank, base.in_features, dtype=w.dtype, device=w.device))
             self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
+        if mode == "alpha":
+            self.alpha = nn.Parameter(torch.ones((), dtype=w.dtype, device=w.device))
+        if mode != "shared" and base.bias is not None:
+            self.bias = nn.Parameter(torch.zeros(base.out_features, dtype=w.dtype, device=w.device))
 
     def merged_weight(self) -> torch.Tensor:
         """The effective weight (parent's weight + this child's delta), for dense export."""
         w = self.base.weight
+        if self.mode == "alpha":
+            w = self.alpha * w
+        elif self.mode == "own":
+            w = torch.zeros_like(w)
         return w + self.lora_B @ self.lora_A if self.rank > 0 else w
 
+    def merged_bias(self) -> torch.Tensor | None:
+        if self.mode == "shared" or self.base.bias is None:
+            return self.base.bias
+        return self.bias + self.alpha * self.base.bias if self.mode == "alpha" else self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
-        y = self.base(x)
+        if self.mode == "shared":
+            y = self.base(x)
+        elif self.mode == "alpha":  # through the parent's module, so hooks on it (the cure's adapters) apply
+            y = self.alpha.to(x.dtype) * self.base(x)
+        else:
+            y = None
         if self.rank > 0:
-            y = y + (x @ self.lora_A.t()) @ self.lora_B.t()
+            low = (x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype)
+            y = low if y is None else y + low
+        if self.mode != "shared" and getattr(self, "bias", None) is not None:
+            y = y + self.bias.to(y.dtype)
         return y
 
 
@@ -131,9 +165,11 @@ def apply_layout_(model: nn.Module, layout: dict, init_child=None) -> nn.Module:
                 set_submodule(layer, n, nn.Identity())
     for pos, parent_pos in layout.get("parents", {}).items():
         child, parent = layers[kept[int(pos)]], layers[kept[parent_pos]]
+        rank = int(layout.get("child_ranks", {}).get(str(pos), layout.get("adapter_rank", 0)))
+        modes = layout.get("child_modes", {}).get(str(pos), {})
         for path in layout["shared_linears"]:
             own = child.get_submodule(path)
-            view = SharedLinear(parent.get_submodule(path), layout.get("adapter_rank", 0))
+            view = SharedLinear(parent.get_submodule(path), rank, modes.get(path, "shared"))
             if init_child is not None:
                 init_child(view, own, int(pos), path)
             set_submodule(child, path, view)

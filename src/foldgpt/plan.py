@@ -10,9 +10,11 @@ from pathlib import Path
 
 from .errors import FoldGPTError
 
-PLAN_VERSION = 3  # the newest format this foldgpt reads
+PLAN_VERSION = 5  # the newest format this foldgpt reads
 MERGES_VERSION = 2  # plans with LaCo merges need at least this version (older foldgpt would drop them)
 CHILD_GATES_VERSION = 3  # plans with child gates (older foldgpt would build children without them)
+COMPENSATION_VERSION = 4  # plans with a training-free span compensation (older foldgpt would skip it)
+FIT_VERSION = 5  # plans with fitted children (per-child ranks and modes)
 
 
 @dataclass
@@ -38,10 +40,17 @@ class Plan:
     layer_kinds: list[str] = field(default_factory=list)
     shared_linears: list[str] = field(default_factory=list)  # empty = every Linear of the layer
     adapter_rank: int = 0
-    adapter_init: str = "zero"  # "zero" (LoRA: B=0) or "svd" (truncated SVD of W_child - W_parent)
+    # "zero" (LoRA: B=0), "svd" (truncated SVD of W_child - W_parent) or "fit" (closed-form fit on calibration
+    # activations, fit.py: the children of `child_modes` run alpha * parent + B A or their own B A)
+    adapter_init: str = "zero"
+    child_ranks: dict[str, int] = field(default_factory=dict)  # child (original layer) -> rank (default adapter_rank)
+    child_modes: dict[str, dict[str, str]] = field(default_factory=dict)  # child -> {Linear: shared/alpha/own}
     position_gates: bool = False  # a learnable scalar gate on every retained position
     child_gates: dict[str, float] = field(default_factory=dict)
     across_kinds: bool = False  # groups may mix attention kinds (each child keeps its own kind; same weight shapes)
+    # training-free compensation of each deleted span, merged into the last kept layer's MLP down projection
+    # (compensate.py): "" (none), "replaceme" (least-squares map) or "linearpatch" (Hadamard-basis channel scale)
+    compensation: str = ""
     method: str = "foldgpt"
     unit: str = "layer"
     gates: dict[str, float] = field(default_factory=dict)
@@ -56,6 +65,12 @@ class Plan:
             self.version = max(self.version, MERGES_VERSION)
         if self.child_gates:
             self.version = max(self.version, CHILD_GATES_VERSION)
+        self.child_ranks = {str(k): int(v) for k, v in self.child_ranks.items()}
+        self.child_modes = {str(k): {str(p): str(m) for p, m in v.items()} for k, v in self.child_modes.items()}
+        if self.child_ranks or self.child_modes or self.adapter_init == "fit":
+            self.version = max(self.version, FIT_VERSION)
+        if self.compensation:
+            self.version = max(self.version, COMPENSATION_VERSION)
         self.validate()
 
     # ---- derived views -----------------------------------------------------------------------
@@ -99,6 +114,9 @@ class Plan:
     def validate(self) -> None:
         if self.version > PLAN_VERSION:
             raise FoldGPTError(f"plan version {self.version} is newer than this foldgpt ({PLAN_VERSION}); upgrade")
+        if self.compensation not in ("", "replaceme", "linearpatch"):
+            raise FoldGPTError(f"plan compensation must be '', 'replaceme' or 'linearpatch', got "
+                               f"'{self.compensation}'")
         kept = set(self.kept_layers())
         if not kept:
             raise FoldGPTError("the plan removes every layer; lower the compression target")
@@ -119,6 +137,19 @@ class Plan:
         for c in self.child_gates:
             if int(c) not in children:
                 raise FoldGPTError(f"plan gives layer {c} a child gate, but it is not a folded child")
+        if self.adapter_init not in ("zero", "svd", "fit"):
+            raise FoldGPTError(f"plan adapter_init must be 'zero', 'svd' or 'fit', got '{self.adapter_init}'")
+        for c, r in self.child_ranks.items():
+            if int(c) not in children or r < 0:
+                raise FoldGPTError(f"plan gives layer {c} a child rank {r}, but it is not a folded child (or r < 0)")
+        for c, modes in self.child_modes.items():
+            if int(c) not in children:
+                raise FoldGPTError(f"plan gives layer {c} child modes, but it is not a folded child")
+            for path, mode in modes.items():
+                if mode not in ("shared", "alpha", "own"):
+                    raise FoldGPTError(f"plan child {c}: mode '{mode}' of {path} must be shared, alpha or own")
+                if mode == "own" and self.child_ranks.get(c, self.adapter_rank) <= 0:
+                    raise FoldGPTError(f"plan child {c}: an 'own' Linear ({path}) needs a rank > 0")
         gone = self.removed_layers()
         merged: set[int] = set()
         for m in self.merges:

@@ -140,10 +140,15 @@ class StreamedNLL:
         return h
 
     @torch.no_grad()
-    def refresh(self) -> None:
-        """Cache every layer's input under the gates currently set on the model."""
+    def refresh(self) -> torch.Tensor:
+        """Cache every layer's input under the gates currently set on the model; returns the last layer's output."""
         self.inputs = []
-        self._run(0, self.h0, self.inputs)
+        return self._run(0, self.h0, self.inputs)
+
+    @torch.no_grad()
+    def final(self, first_changed_layer: int) -> torch.Tensor:
+        """The last layer's output with the gates currently set, reusing the cached inputs up to that layer."""
+        return self._run(first_changed_layer, self.inputs[first_changed_layer])
 
     @torch.no_grad()
     def nll(self, first_changed_layer: int) -> float:

@@ -52,6 +52,9 @@ def layout_from_plan(plan: Plan, adapter: Adapter) -> dict:
                               for layer, parts in sorted(plan.removed_sublayers().items()) if layer in pos},
         "shared_linears": list(plan.shared_linears or adapter.linears),
         "adapter_rank": plan.adapter_rank,
+        "child_ranks": {str(pos[int(c)]): r for c, r in sorted(plan.child_ranks.items(), key=lambda kv: int(kv[0]))},
+        "child_modes": {str(pos[int(c)]): dict(m) for c, m in sorted(plan.child_modes.items(),
+                                                                     key=lambda kv: int(kv[0]))},
         "position_gates": plan.position_gates,
         "child_gates": sorted(pos[int(c)] for c in plan.child_gates),
         "attn_gate_point": adapter.attn_gate_point,
@@ -85,9 +88,12 @@ def shape_mismatch(child: nn.Module, parent: nn.Module, paths: list[str]) -> str
                 None)
 
 
-def apply_plan_(model: nn.Module, plan: Plan, adapter: Adapter, seed: int = 0) -> nn.Module:
+def apply_plan_(model: nn.Module, plan: Plan, adapter: Adapter, seed: int = 0, fits=None) -> nn.Module:
     """Apply a plan to a dense model in place: merge layers (LaCo), remove units, fold groups, add deltas
-    and gates."""
+    and gates. A plan with fitted children (adapter_init "fit") needs `fits` (fit.ChildFits of the dense model)."""
+    if plan.adapter_init == "fit" and plan.groups and fits is None:
+        raise FoldGPTError("this plan's children are fitted on calibration activations; apply it with calibration "
+                           "text (foldgpt compress --plan ... --text ...)")
     n = len(adapter.layers(model))
     if n != plan.num_layers:
         raise ValueError(f"plan is for {plan.num_layers} layers, model has {n}")
@@ -102,8 +108,16 @@ def apply_plan_(model: nn.Module, plan: Plan, adapter: Adapter, seed: int = 0) -
             raise FoldGPTError(f"layer {c} cannot share layer {p}'s {path}: shapes {tuple(a)} and {tuple(b)} "
                                "differ; group layers of the same shapes")
 
+    kept, parent_of = plan.kept_layers(), plan.parent_of()
+
     def init_child(view: SharedLinear, own: nn.Module, pos: int, path: str) -> None:
-        if view.base.weight.device.type != "meta":
+        if view.base.weight.device.type == "meta":
+            return
+        if plan.adapter_init == "fit":
+            from .fit import fit_linear_
+
+            fit_linear_(view, own, fits, kept[pos], parent_of[kept[pos]], path)
+        else:
             init_lowrank_(view, own if isinstance(own, nn.Linear) else None, plan.adapter_init,
                           seed=seed * 1009 + pos * 31 + paths.index(path))
 
@@ -148,16 +162,21 @@ def child_params(adapter: Adapter, layer: nn.Module, rank: int, shared: list[str
     return layer_params(layer) - shared_n + lowrank_params(adapter, layer, rank, paths)
 
 
+def _is_shared_base(layer: nn.Module, lin: nn.Module) -> bool:
+    return any(isinstance(m, SharedLinear) and m.base is lin for m in layer.modules())
+
+
 def flops_per_token(model: nn.Module, adapter: Adapter, seq_len: int = 512) -> int:
     """Approximate forward FLOPs per token: 2 x matmul parameters actually executed (shared weights count
     at every position that runs them) + attention scores at the given context length + LM head."""
     total = 0
     for layer in adapter.layers(model):
         for m in layer.modules():
-            if isinstance(m, nn.Linear):
-                total += 2 * m.in_features * m.out_features
-            elif isinstance(m, SharedLinear) and m.rank > 0:
+            if isinstance(m, SharedLinear):
                 total += 2 * m.rank * (m.in_features + m.out_features)
+                total += 0 if m.mode == "own" else 2 * m.in_features * m.out_features
+            elif isinstance(m, nn.Linear) and not _is_shared_base(layer, m):
+                total += 2 * m.in_features * m.out_features
         attn = layer.get_submodule(adapter.attn_branch)
         if not isinstance(attn, ZeroBranch):
             n_heads = model.config.num_attention_heads

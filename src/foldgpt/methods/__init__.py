@@ -27,10 +27,21 @@ class Context:
     bos: bool
     similarity: torch.Tensor | None = None  # (L+1, L+1) mean cosine, from the analysis
     info: dict = field(default_factory=dict)  # what the method wants in the summary (gate history...)
+    fits: object | None = None  # fit.ChildFits of the dense model, built on first use (child_fits)
 
     @property
     def num_layers(self) -> int:
         return len(self.adapter.layers(self.model))
+
+    def child_fits(self):
+        """Whitened low-rank fits of every layer's Linears (fit.ChildFits), from the first calibration windows."""
+        if self.fits is None:
+            from ..fit import ChildFits
+
+            ids = self.calib[: min(self.cfg.fold.fit_windows, len(self.calib))]
+            self.fits = ChildFits(self.model, self.adapter, ids, self.cfg.fold.shared_linears or list(
+                self.adapter.linears))
+        return self.fits
 
     def protected(self) -> set[int]:
         return {0, self.num_layers - 1} if self.cfg.protect_ends else set()
@@ -52,11 +63,11 @@ def make_plan(cfg: CompressConfig, model, adapter: Adapter, removed: list[str], 
         groups=groups,
         layer_kinds=adapter.layer_kinds(model.config),
         shared_linears=list(cfg.fold.shared_linears),
-        adapter_rank=cfg.fold.adapter_rank if groups else 0,
-        adapter_init=cfg.fold.adapter_init,
+        adapter_rank=kw.pop("adapter_rank", cfg.fold.adapter_rank if groups else 0),
+        adapter_init=kw.pop("adapter_init", cfg.fold.adapter_init),
         position_gates=cfg.fold.position_gates,
         child_gates=kw.pop("child_gates", {}),
-        across_kinds=cfg.fold.across_kinds,
+        across_kinds=kw.pop("across_kinds", cfg.fold.across_kinds),
         unit=kw.pop("unit", None) or fixed or cfg.gate.fixed_unit,
         **kw,
     )

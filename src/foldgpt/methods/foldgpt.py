@@ -292,7 +292,34 @@ def measured_child_gates(ctx: Context, removed: list[str], groups: list[list[int
     return {str(c): found[(p, c)][1] for p, c in pairs}
 
 
+def search_fold(ctx: Context) -> Plan:
+    """`--ranking search` (the default): one search over keep / delete a sub-block / delete / fitted child at a few
+    ranks (methods/search.py), then slack under the target goes to the children's ranks."""
+    from .search import layer_costs, plan_parts, search, spend_slack
+
+    b, cfg = ctx.budget, ctx.cfg
+    target = b.target_params if b.target_params is not None else b.base_params - b.n_remove * b.block_params
+    fits = ctx.child_fits()
+    ids = ctx.calib[: min(cfg.fold.search_windows, len(ctx.calib))]
+    found = search(ctx, fits, target, ids, cfg.fold.child_fractions, cfg.fold.rescore, cfg.fold.score, cfg.fold.topk)
+    costs = layer_costs(ctx.model, ctx, fits.paths)
+    used = b.base_params - sum(c.block for c in costs) + sum(c.params(s) for c, s in zip(costs, found.states))
+    n_children = sum(s[0] == "child" for s in found.states)
+    reserve = n_children * len(fits.paths) if cfg.fold.alpha else 0  # one alpha per Linear at most
+    states = spend_slack(found.states, costs, target - used - reserve)
+    parts = plan_parts(states, fits, ctx.adapter.layer_kinds(ctx.model.config), cfg.fold.alpha,
+                       cfg.fold.alpha_margin)
+    ctx.info["search"] = {"ranks": found.ranks, "loss_dense": found.loss_dense, "steps": found.steps,
+                          "final_ranks": parts["child_ranks"]}
+    log.info("search: removing %s; children %s (ranks %s)", parts["removed"], parts["groups"], parts["child_ranks"])
+    return ctx.new_plan(parts["removed"], parts["groups"], method="foldgpt", unit="action", adapter_init="fit",
+                        adapter_rank=0, child_ranks=parts["child_ranks"], child_modes=parts["child_modes"],
+                        across_kinds=parts["across_kinds"] or cfg.fold.across_kinds)
+
+
 def run(ctx: Context) -> Plan:
+    if ctx.cfg.ranking == "search":
+        return search_fold(ctx)
     if ctx.cfg.ranking == "greedy":
         unit = ctx.cfg.gate.unit
         if unit == "auto":
