@@ -20,6 +20,8 @@ from . import __version__, placement
 from .adapters import get_adapter
 from .analysis import analysis_dict, similarity
 from .budget import plan_budget
+from .compensate import CALIB_WINDOWS as COMPENSATION_WINDOWS
+from .compensate import apply_compensation_, check_compensable
 from .config import CompressConfig
 from .cure import cure as run_cure
 from .cure import dist_info
@@ -224,6 +226,8 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> Met
                          cfg.fold.shared_linears or None, cfg.fold.child_gates)
     log.info("budget: remove %d layers, fold %d children (predicted %s unique params of %s)",
              budget.n_remove, budget.n_fold, fmt_int(budget.predicted_params), fmt_int(budget.base_params))
+    if cfg.compensate != "none":  # an architecture it cannot merge into: fail before planning, not after
+        check_compensable(s.adapter, s.dense.config.model_type, cfg.compensate)
     ctx = Context(s.dense, s.adapter, s.calib, cfg, budget, s.bos, s.similarity)
     with timer.stage("Planning" if plan is None else "Applying plan", 3, 6):
         if plan is not None:
@@ -242,6 +246,9 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> Met
         apply_plan_(student, the_plan, s.adapter, seed=cfg.seed,
                     fits=ctx.child_fits() if the_plan.adapter_init == "fit" and the_plan.groups else None)
         traffic = placement.follow(student, s.adapter, s.dense)  # each layer where the weights it borrows live
+        if the_plan.compensation:  # after follow: a placed student runs where its weights live
+            ctx.info["compensation"] = apply_compensation_(student, s.dense, the_plan, s.adapter,
+                                                           s.calib[:COMPENSATION_WINDOWS], skip_first=s.bos)
     held = s.held()
     do_cure = method.cures_by_default if cfg.cure is None else cfg.cure
     with timer.stage("Curing", 4, 6):

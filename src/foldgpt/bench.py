@@ -115,6 +115,8 @@ def _plan_key(cfg: CompressConfig) -> str:
     d = cfg.to_dict()
     d.pop("cure")
     d.pop("cure_cfg")
+    if d.get("compensate") == "none":  # off: the key plans saved before the option existed have
+        d.pop("compensate")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -136,10 +138,10 @@ def _plan_from_row(row: dict, cfg: CompressConfig, session) -> Plan | None:
 
 def _same_command(old, new) -> bool:
     """Whether a saved row's command is this one; an option added to foldgpt since (a key only in `new`) matches
-    when it is off (None or False), so rows written by an earlier version still resume."""
+    when it is off (None, False or "none"), so rows written by an earlier version still resume."""
     if isinstance(old, dict) and isinstance(new, dict):
         return (all(k in new and _same_command(v, new[k]) for k, v in old.items())
-                and all(new[k] is None or new[k] is False for k in new.keys() - old.keys()))
+                and all(new[k] is None or new[k] is False or new[k] == "none" for k in new.keys() - old.keys()))
     return old == new
 
 

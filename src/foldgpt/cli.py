@@ -45,8 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=int, default=2)
     c.add_argument("--remove-share", type=float, default=0.5, help="with only a target: share of savings by removal")
     c.add_argument("--plan", default=None, help="re-apply a plan.json instead of learning one")
-    c.add_argument("--ranking", choices=["greedy", "gates"], default="greedy",
-                   help="foldgpt's joint ranking: greedy calibration NLL (fold-or-delete by cost) or learned gates")
+    c.add_argument("--ranking", choices=["search", "greedy", "gates"], default="search",
+                   help="foldgpt's joint ranking: search (default: one search over keep / delete a sub-block / "
+                        "delete / fitted low-rank child, by calibration-loss rise per parameter saved), greedy "
+                        "(whole-layer or sub-block NLL removal, then children fold back) or learned gates")
+    c.add_argument("--child-fractions", default="0.125,0.25", metavar="F,F",
+                   help="search: the fitted children's sizes, as fractions of a block's parameters")
+    c.add_argument("--rescore", type=int, default=6,
+                   help="search: after the first step re-score only this many best actions (0: all, every step)")
+    c.add_argument("--search-score", choices=["nll", "topk"], default="topk",
+                   help="search: calibration NLL through the vocabulary head, or restricted to the teacher's top-k "
+                        "tokens (default; the best --confirm actions of each step are re-scored with the exact NLL)")
+    c.add_argument("--confirm", type=int, default=2,
+                   help="search: re-score this many best actions of each step with the exact NLL (0: off)")
+    c.add_argument("--no-alpha", dest="alpha", action="store_false",
+                   help="search: fitted children never add alpha * parent (own low-rank factors only)")
     c.add_argument("--no-child-gates", dest="child_gates", action="store_false",
                    help="children run their parent's block at full weight (no measured branch gate)")
     c.add_argument("--unit", choices=["auto", "layer", "sublayer"], default="auto",
@@ -61,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gate-rounds", type=int, default=5)
     c.add_argument("--gate-budget", choices=["project", "penalty"], default="project")
     c.add_argument("--adapter-rank", type=int, default=8)
-    c.add_argument("--adapter-init", choices=["zero", "svd"], default="zero")
+    c.add_argument("--adapter-init", choices=["zero", "svd"], default="zero",
+                   help="greedy/gates rankings: how children's deltas start (the search always fits them)")
     c.add_argument("--fold-select", choices=["loss", "adjacent"], default="loss")
     c.add_argument("--fold-across-kinds", action="store_true",
                    help="a folded child may borrow a kept layer of another attention kind (Gemma-3 sliding-window "
@@ -157,8 +171,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="autocast for the cure")
     p.add_argument("--cure-lora-rank", type=int, default=8,
                    help="rank of the cure's adapters on every unique Linear (merged afterwards; 0: none)")
-    p.add_argument("--teacher-cache", action="store_true",
-                   help="compute the teacher's top-k log-probs and tail outputs once, on disk, before the cure")
+    p.add_argument("--teacher-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="compute the teacher's top-k log-probs and tail outputs once, on disk, before the cure "
+                        "(default; --no-teacher-cache runs the teacher inside the cure loop)")
     p.add_argument("--teacher-topk", type=int, default=64, help="k of the cached teacher distribution")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard each shared frozen matrix of the student across the processes in the "
@@ -167,15 +182,28 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="gate training and cure micro-batch (gradient accumulation; less memory)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in gate training and the cure (less memory)")
+    p.add_argument("--compensate", choices=["none", "replaceme", "linearpatch"], default="none",
+                   help="training-free compensation of each deleted span of layers, merged into the last kept "
+                        "layer's MLP down projection (no parameter added): replaceme (least-squares linear map) or "
+                        "linearpatch (channel scale in a Hadamard basis); any method")
 
 
 def _run_kwargs(args) -> tuple[dict, dict, dict]:
     """(CompressConfig, GateConfig, CureConfig) keyword arguments from _add_run_args' options."""
     memory = {"micro_batch": args.micro_batch, "grad_checkpointing": args.grad_checkpointing}
     return ({"device": args.device, "precision": args.precision, "streaming": args.streaming,
-             "device_map": args.device_map, "max_memory": args.max_memory}, memory,
+             "device_map": args.device_map, "max_memory": args.max_memory, "compensate": args.compensate}, memory,
             {"precision": args.cure_precision, "lora_rank": args.cure_lora_rank, "teacher_cache": args.teacher_cache,
              "teacher_topk": args.teacher_topk, "fsdp": args.fsdp, **memory})
+
+
+def _floats(text: str) -> list[float]:
+    from .errors import FoldGPTError
+
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise FoldGPTError(f"expected comma-separated numbers, got '{text}'") from None
 
 
 def _compress(args) -> int:
@@ -196,7 +224,9 @@ def _compress(args) -> int:
                         **gate_kw),
         fold=FoldConfig(group_size=args.group_size, adapter_rank=args.adapter_rank, adapter_init=args.adapter_init,
                         select=args.fold_select, child_gates=args.child_gates,
-                        across_kinds=args.fold_across_kinds),
+                        across_kinds=args.fold_across_kinds, child_fractions=_floats(args.child_fractions),
+                        rescore=args.rescore, score=args.search_score, alpha=args.alpha,
+                        confirm=args.confirm),
         cure_cfg=cure_cfg, **run_kw,
     ) if target is not None or args.remove_rate is not None else CompressConfig(
         method=args.method, target_params=None, remove_rate=0.0, seed=args.seed, cure=args.cure,

@@ -59,9 +59,13 @@ class FoldConfig:
     # --ranking search (methods/search.py): fitted children at these costs (fractions of a block's parameters)
     child_fractions: list[float] = field(default_factory=lambda: [0.125, 0.25])
     rescore: int = 6  # after the first step, re-score only this many best actions (<= 0: every action, every step)
-    score: str = "nll"  # "nll" (the vocabulary head) or "topk" (the teacher's top-k tokens + the target)
+    # how the search scores actions: "nll" (through the vocabulary head) or "topk" (the teacher's top-k tokens + the
+    # target: 2x cheaper on SmolLM2, more where the head is large; bench/search_agreement.py)
+    score: str = "topk"
     topk: int = 64
-    search_windows: int = 4  # calibration windows the search scores on
+    search_windows: int = 2  # calibration windows the search scores on
+    confirm: int = 2  # the best few of each step are scored again with the exact NLL on confirm_windows, which decides
+    confirm_windows: int = 4
     fit_windows: int = 32  # calibration windows whose activations the children are fitted on
     alpha: bool = True  # a child Linear may add alpha * parent where that lowers its calibration error
     alpha_margin: float = 0.1  # ... by more than this fraction
@@ -95,7 +99,7 @@ class CureConfig:
     grad_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
     lora_rank: int = 8  # rank of the adapters on every unique Linear, merged into the weights after the cure
     precision: str = "auto"  # autocast for the cure: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
-    teacher_cache: bool = False  # compute the teacher's top-k log-probs and tail outputs once, on disk
+    teacher_cache: bool = True  # teacher top-k log-probs and tail outputs computed once, not inside the loop
     teacher_topk: int = 64  # k of the cached teacher distribution
     teacher_cache_dir: str | None = None  # None: a temporary folder, deleted after the cure
     fsdp: bool = False  # under torchrun: shard each unique frozen Linear across the processes (FSDP2)
@@ -129,6 +133,8 @@ class CompressConfig:
     device_map: str | None = None  # "auto": layers spread over the GPUs (overflow offloaded); "offload": all on CPU
     max_memory: str | None = None  # with device_map auto: "cuda:0=30GiB,cuda:1=30GiB,cpu=200GiB"
     cure: bool | None = None  # None: the method's default (foldgpt cures, peers do not)
+    # training-free compensation of deleted spans (compensate.py), merged into weights: none, replaceme, linearpatch
+    compensate: str = "none"
     gate: GateConfig = field(default_factory=GateConfig)
     fold: FoldConfig = field(default_factory=FoldConfig)
     cure_cfg: CureConfig = field(default_factory=CureConfig)
@@ -153,6 +159,8 @@ class CompressConfig:
         _check(not (self.device_map and self.streaming),
                "--streaming and --device-map both place layers; use one (--device-map also trains and cures)")
         _check(self.max_memory is None or self.device_map == "auto", "--max-memory needs --device-map auto")
+        _check(self.compensate in ("none", "replaceme", "linearpatch"),
+               f"--compensate must be none, replaceme or linearpatch, got '{self.compensate}'")
 
     def to_dict(self) -> dict:
         return asdict(self)

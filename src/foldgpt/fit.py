@@ -32,17 +32,21 @@ def input_covariances(model: nn.Module, adapter: Adapter, ids: torch.Tensor, pat
     Linears that read the same tensor (q/k/v, gate/up) share one computation."""
     layers = adapter.layers(model)
     sums: dict[tuple[int, str], torch.Tensor] = {}
-    memo: dict[tuple, torch.Tensor] = {}
+    memo: dict = {}  # the current layer's inputs (tensor, X^T X), so Linears reading one tensor share it
     hooks = []
 
     def hook_for(key: tuple[int, str]):
         def hook(module, args, out):
             x = args[0]
-            tag = (x.data_ptr(), tuple(x.shape))
-            if tag not in memo:
+            if memo.get("layer") != key[0]:  # one layer at a time: its inputs are alive while it runs
+                memo.clear()
+                memo["layer"] = key[0]
+            hit = next((c for t, c in memo.get("seen", []) if t is x), None)  # the same tensor object, not address
+            if hit is None:
                 flat = x.detach().reshape(-1, x.shape[-1]).float()
-                memo[tag] = (flat.t() @ flat).double()
-            sums[key] = memo[tag] if key not in sums else sums[key] + memo[tag]
+                hit = (flat.t() @ flat).double()
+                memo.setdefault("seen", []).append((x, hit))
+            sums[key] = hit if key not in sums else sums[key] + hit
         return hook
 
     for i, layer in enumerate(layers):

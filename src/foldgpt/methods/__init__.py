@@ -54,8 +54,13 @@ def make_plan(cfg: CompressConfig, model, adapter: Adapter, removed: list[str], 
               **kw) -> Plan:
     """A plan for `model` removing `removed` and folding `groups`, with the fold settings of `cfg`; its unit is
     `unit=` when given (the one `--unit auto` chose), else the one its method always ranks (BlockPruner:
-    sub-blocks), else the config's."""
+    sub-blocks), else the config's. Its compensation is `compensation=` when given, else the one its method always
+    applies (ReplaceMe, LinearPatch), else the config's --compensate."""
     fixed = METHODS[kw["method"]].unit if kw.get("method") in METHODS else None
+    compensation = kw.pop("compensation", None)
+    if compensation is None:
+        compensation = (METHODS[kw["method"]].compensation if kw.get("method") in METHODS else "") or (
+            "" if cfg.compensate == "none" else cfg.compensate)
     return Plan(
         num_layers=len(adapter.layers(model)),
         model_type=model.config.model_type,
@@ -69,6 +74,7 @@ def make_plan(cfg: CompressConfig, model, adapter: Adapter, removed: list[str], 
         child_gates=kw.pop("child_gates", {}),
         across_kinds=kw.pop("across_kinds", cfg.fold.across_kinds),
         unit=kw.pop("unit", None) or fixed or cfg.gate.fixed_unit,
+        compensation=compensation,
         **kw,
     )
 
@@ -82,6 +88,7 @@ class Method:
     description: str
     merges: bool = False  # its plans merge layers (more than the removed layers, groups and gates a row records)
     unit: str | None = None  # the unit it always ranks ("sublayer" for BlockPruner); None: the config's --unit
+    compensation: str = ""  # the compensation its plans always carry (compensate.py); "": the config's --compensate
 
 
 METHODS: dict[str, Method] = {}
@@ -106,4 +113,4 @@ def lowest(scores: list[float], n: int, protected: set[int]) -> list[int]:
     return sorted(order[:n])
 
 
-from . import blockpruner, foldgpt, laco, peers, shortgpt  # noqa: E402,F401  (registration)
+from . import blockpruner, foldgpt, laco, peers, replaceme, shortgpt  # noqa: E402,F401  (registration)

@@ -301,7 +301,8 @@ def search_fold(ctx: Context) -> Plan:
     target = b.target_params if b.target_params is not None else b.base_params - b.n_remove * b.block_params
     fits = ctx.child_fits()
     ids = ctx.calib[: min(cfg.fold.search_windows, len(ctx.calib))]
-    found = search(ctx, fits, target, ids, cfg.fold.child_fractions, cfg.fold.rescore, cfg.fold.score, cfg.fold.topk)
+    found = search(ctx, fits, target, ids, cfg.fold.child_fractions, cfg.fold.rescore, cfg.fold.score, cfg.fold.topk,
+                   cfg.fold.confirm, ctx.calib[: min(cfg.fold.confirm_windows, len(ctx.calib))])
     costs = layer_costs(ctx.model, ctx, fits.paths)
     used = b.base_params - sum(c.block for c in costs) + sum(c.params(s) for c, s in zip(costs, found.states))
     n_children = sum(s[0] == "child" for s in found.states)

@@ -194,9 +194,11 @@ class SearchResult:
 
 
 def search(ctx: Context, fits: ChildFits, target: int, ids: torch.Tensor, fractions: list[float],
-           rescore: int = 6, score: str = "nll", topk: int = 64) -> SearchResult:
+           rescore: int = 6, score: str = "nll", topk: int = 64, confirm: int = 0,
+           confirm_ids: torch.Tensor | None = None) -> SearchResult:
     """The greedy search over actions until the unique parameters are at most `target` (see the module doc).
-    `rescore` <= 0 scores every action at every step (the exact greedy)."""
+    `rescore` <= 0 scores every action at every step (the exact greedy). `confirm` > 0: the best `confirm` actions
+    of each step's scores are scored again with the exact NLL on `confirm_ids`, which decides."""
     costs = layer_costs(ctx.model, ctx, fits.paths)
     n = len(costs)
     prot = ctx.protected()
@@ -210,11 +212,14 @@ def search(ctx: Context, fits: ChildFits, target: int, ids: torch.Tensor, fracti
         raise FoldGPTError(f"the target ({target:,} unique parameters) is below what the embeddings and head alone "
                            f"need ({fixed:,}); raise --target-params")
     scorer = _Scorer(ctx, ids, fits, score, topk)
+    judge = _Scorer(ctx, confirm_ids if confirm_ids is not None else ids, fits, "nll", topk) if confirm > 0 else None
     stale: dict[tuple, float] = {}  # (layer, new state) -> loss rise per parameter at its last scoring
     steps: list[dict] = []
-    bar = tqdm(total=params - target, desc="FoldGPT search", leave=False)
+    first = sum(len(transitions(s, ranks)) for i, s in enumerate(states) if i not in prot)
+    bar = tqdm(total=first, desc="FoldGPT search (first step)", leave=False)
     try:
         current = dense = scorer.refresh()
+        exact = judge.refresh() if judge is not None else None
         while params > target:
             options = [(i, s) for i in range(n) if i not in prot for s in transitions(states[i], ranks)]
             if not options:
@@ -222,27 +227,40 @@ def search(ctx: Context, fits: ChildFits, target: int, ids: torch.Tensor, fracti
             fresh = [o for o in options if o not in stale]
             old = sorted((o for o in options if o in stale), key=lambda o: stale[o])
             todo = fresh + (old if rescore <= 0 or not steps else old[:rescore])
-            best = None
             for i, s in todo:
                 saved = costs[i].params(states[i]) - costs[i].params(s)
-                rise = scorer.trial(i, s) - current
-                stale[(i, s)] = rise / saved
-                if best is None or stale[(i, s)] < best[0]:
-                    best = (stale[(i, s)], i, s)
-            _, i, s = best
+                stale[(i, s)] = (scorer.trial(i, s) - current) / saved
+                bar.update(1)
+            ranked = sorted(todo, key=lambda o: stale[o])
+            if judge is not None:  # the exact NLL decides among the best few
+                _, i, s = min(((judge.trial(i, s) - exact) / (costs[i].params(states[i]) - costs[i].params(s)), i, s)
+                              for i, s in ranked[:confirm])
+            else:
+                i, s = ranked[0]
             before = costs[i].params(states[i])
             states[i] = s
-            scorer.commit(i, s)
+            for sc in (scorer, judge):
+                if sc is not None:
+                    sc.commit(i, s)
             for key in [k for k in stale if k[0] == i]:
                 del stale[key]  # the layer's options start from its new state
             params -= before - costs[i].params(s)
-            bar.update(before - costs[i].params(s))
+            if not steps:
+                bar.close()
+                bar = tqdm(total=params + before - costs[i].params(s) - target, initial=before - costs[i].params(s),
+                           desc="FoldGPT search (parameters)", leave=False)
+            else:
+                bar.update(before - costs[i].params(s))
             current = scorer.refresh()
-            steps.append({"layer": i, "state": list(s), "loss": current, "params": params, "scored": len(todo)})
+            exact = judge.refresh() if judge is not None else None
+            steps.append({"layer": i, "state": list(s), "loss": current, "params": params, "scored": len(todo),
+                          **({"nll": exact} if exact is not None else {})})
             log.info("search: layer %d -> %s (calibration loss %.4f, %s unique params, %d actions scored)", i,
                      s[0] if s[0] != "child" else f"child rank {s[1]}", current, f"{params:,}", len(todo))
-        bar.close()
     finally:
+        bar.close()
+        if judge is not None:  # first: its weight swaps sit on top of the scorer's
+            judge.close()
         scorer.close()
     return SearchResult(states, steps, ranks, dense)
 

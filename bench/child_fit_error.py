@@ -1,0 +1,129 @@
+"""How well can a folded child stand in for its layer? Per adjacent pair (parent l-1, child l), the relative error
+of the child's residual update u = layer(x) - x against the layer's own, on held-out windows, for:
+
+- deletion (u = 0: error 1 by definition);
+- shared: the child runs the parent's Linears with its own norms (the folded child of the paper);
+- shared + alpha: alpha * parent per Linear, alpha by least squares on calibration activations (fit.lstsq_alpha);
+- own low-rank: the child's own weights, whitened truncated SVD (fit.py) at ranks R;
+- alpha * parent + low-rank fit of what it leaves, at the same ranks;
+- chosen: fit.ChildFits.choose (own, or alpha + fit where that lowers the calibration error by > 10%).
+
+Fits use the first 32 calibration windows (as `foldgpt compress` does); errors are measured on 8 other windows of
+the calibration text and on Pride and Prejudice (never used for fitting).
+
+    python bench/child_fit_error.py smollm2-135m --out bench/results/child_fit_error_smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIB = ["emma", "mansfieldpark", "sensesensibility", "northangerabbey", "persuasion"]
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--ranks", default="32,64,128")
+    ap.add_argument("--out", required=True, help="output stem: writes STEM.json and STEM.md")
+    args = ap.parse_args()
+    from foldgpt.adapters import get_adapter
+    from foldgpt.data import calibration_batches, load_text, needs_bos, tokenize
+    from foldgpt.fit import ChildFits
+    from foldgpt.models import load_model
+    from foldgpt.streaming import layer_inputs
+
+    torch.manual_seed(0)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    data = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")) / "corpora" / "austen"
+    model, tok = load_model(args.model)
+    adapter = get_adapter(model.config)
+    bos = needs_bos(tok, adapter.needs_bos)
+    bos_id = tok.bos_token_id if bos else None
+    corpus = load_text([str(data / f"austen_{n}.txt") for n in CALIB])
+    calib = calibration_batches(tokenize(tok, corpus.text), 512, 256, 0, bos_id)  # as compress draws them
+    heldout = {"calibration text, other windows": calib[-8:],
+               "Pride and Prejudice": calibration_batches(
+                   tokenize(tok, load_text([str(data / "austen_prideprejudice.txt")]).text), 8, 256, 0, bos_id)}
+    paths = list(adapter.linears)
+    fits = ChildFits(model, adapter, calib[:32], paths)
+    layers = adapter.layers(model)
+    kinds = adapter.layer_kinds(model.config)
+
+    def variants(c: int, p: int) -> dict[str, dict[str, torch.Tensor]]:
+        w = {q: layers[p].get_submodule(q).weight for q in paths}
+        out = {"shared": dict(w)}
+        alphas = {q: fits.with_parent(c, p, q)[0] for q in paths}
+        out["shared + alpha"] = {q: alphas[q] * w[q] for q in paths}
+        for r in ranks:
+            out[f"own low-rank r={r}"] = fits.own_weights(c, r)
+            out[f"alpha * parent + fit r={r}"] = {q: alphas[q] * w[q] + fits.with_parent(c, p, q)[1].weight(r)
+                                                  for q in paths}
+            chosen = fits.choose(c, p, r, True)
+            out[f"chosen r={r}"] = {q: ch.alpha * w[q] + ch.b @ ch.a for q, ch in chosen.items()}
+        return out
+
+    rows: dict[str, dict[str, list[float]]] = {}
+    for name, ids in heldout.items():
+        h0, calls = layer_inputs(model, adapter, ids)
+        h = h0
+        errs: dict[str, list[float]] = {}
+        for c, layer in enumerate(layers):
+            args_c, kw_c = calls[c]
+            y = layer(h, *args_c, **kw_c)
+            y = y[0] if isinstance(y, tuple) else y
+            u = (y - h).float()
+            same = [q for q in range(c - 1, -1, -1) if kinds[q] == kinds[c]]
+            if same:
+                p = same[0]
+                errs.setdefault("deletion", []).append(1.0)
+                for vname, weights in variants(c, p).items():
+                    saved = {q: layer.get_submodule(q).weight for q in paths}
+                    try:
+                        for q, wq in weights.items():
+                            layer.get_submodule(q).weight = nn.Parameter(wq.to(saved[q].dtype), requires_grad=False)
+                        y2 = layer(h, *args_c, **kw_c)
+                        y2 = y2[0] if isinstance(y2, tuple) else y2
+                    finally:
+                        for q, wq in saved.items():
+                            layer.get_submodule(q).weight = wq
+                    errs.setdefault(vname, []).append(float((y2 - y).float().norm() / u.norm()))
+            h = y
+        rows[name] = errs
+    per_block = layers[0].get_submodule(paths[0])  # noqa: F841  (shapes below)
+    cost = {r: r * sum(layers[0].get_submodule(q).in_features + layers[0].get_submodule(q).out_features
+                       for q in paths) for r in ranks}
+    block = sum(p.numel() for p in layers[0].parameters())
+    lines = [f"# Child fit error, {args.model}", "",
+             "Median (and best / worst) over adjacent same-kind pairs of ||u_child - u|| / ||u|| (u: the layer's "
+             "residual update; deletion = 1). Command: `python bench/child_fit_error.py " + args.model +
+             f" --out {args.out}`.", "",
+             "| variant | unique params of a child | " + " | ".join(heldout) + " | pairs better than deletion |",
+             "|---|---|" + "---|" * len(heldout) + "---|"]
+    for vname in rows[next(iter(heldout))]:
+        r = next((k for k in ranks if vname.endswith(f"r={k}")), None)
+        size = "0 (deleted)" if vname == "deletion" else (
+            f"{cost[r]:,} ({cost[r] / block:.0%} of a block)" if r else "norms only")
+        cells = []
+        for name in heldout:
+            v = rows[name][vname]
+            cells.append(f"{statistics.median(v):.3f} ({min(v):.2f}-{max(v):.2f})")
+        better = sum(x < 1.0 for x in rows["Pride and Prejudice"][vname])
+        lines.append(f"| {vname} | {size} | " + " | ".join(cells) + f" | {better}/{len(rows['Pride and Prejudice'][vname])} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps({"model": args.model, "ranks": ranks, "errors": rows}, indent=1))
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Wall time of the default `foldgpt compress`, stage by stage, its peak resident memory, and the result's
+perplexity on held-out text.
+
+    python bench/compress_time.py smollm2-135m --target-params 0.75 --out bench/results/compress_time_smollm2_075.json
+    python bench/compress_time.py gemma3-270m --target-params 0.75 --out bench/results/compress_time_gemma3_075.json
+
+Calibration text: the five Austen calibration novels of ../shared/data (SHARED_DATA overrides); evaluation: the
+first 16,384 tokens of Pride and Prejudice in 512-token windows. Extra arguments after `--` go to
+`foldgpt compress` (e.g. `-- --cure-seed 1`). The compress runs in a child process, so its peak RSS is the
+process's own (resource.getrusage of the children).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIB = ["emma", "mansfieldpark", "sensesensibility", "northangerabbey", "persuasion"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--target-params", default="0.75")
+    ap.add_argument("--out", required=True, help="JSON file for the measurements")
+    ap.add_argument("--keep", default=None, help="keep the compressed folder here (default: a temporary one)")
+    ap.add_argument("extra", nargs="*", help="after --: more `foldgpt compress` arguments")
+    args = ap.parse_args()
+    data = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")) / "corpora" / "austen"
+    text = [str(data / f"austen_{n}.txt") for n in CALIB]
+    fg = str(Path(sys.executable).with_name("foldgpt"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.keep or str(Path(tmp) / "model")
+        cmd = [fg, "compress", args.model, "--text", *text, "--target-params", args.target_params, "--out", out,
+               "--overwrite", *args.extra]
+        print("$", " ".join(cmd), flush=True)
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env)
+        wall = time.perf_counter() - t
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # kB on Linux
+        summary = json.loads((Path(out) / "summary.json").read_text())
+        ev = Path(tmp) / "eval.json"
+        subprocess.run([fg, "eval", out, "--text", str(data / "austen_prideprejudice.txt"), "--seq-len", "512",
+                        "--max-tokens", "16384", "--json", str(ev)], check=True, env=env)
+        ppl = json.loads(ev.read_text())
+    row = {"model": args.model, "target_params": float(args.target_params), "extra": args.extra,
+           "wall_seconds": round(wall, 1), "peak_rss_bytes": peak, "stage_seconds": summary["seconds"],
+           "params_ratio": summary["params_ratio"], "removed": summary["removed"], "groups": summary["groups"],
+           "calib_loss_before_cure": summary["calib_loss_before_cure"], "calib_loss": summary["calib_loss"],
+           "eval": ppl}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(row, indent=2) + "\n")
+    print(f"wall {wall:.0f} s, peak RSS {peak / 2**30:.2f} GiB")
+    for stage, sec in summary["seconds"].items():
+        print(f"  {stage:<16} {sec:8.1f} s")
+    print(json.dumps(ppl)[:400])
+
+
+if __name__ == "__main__":
+    main()
