@@ -5,8 +5,8 @@ perplexity on held-out text.
     python bench/compress_time.py gemma3-270m --target-params 0.75 --out bench/results/compress_time_gemma3_075.json
 
 Calibration text: the five Austen calibration novels of ../shared/data (SHARED_DATA overrides); evaluation: the
-first 16,384 tokens of Pride and Prejudice in 512-token windows. Extra arguments after `--` go to
-`foldgpt compress` (e.g. `-- --cure-seed 1`). The compress runs in a child process, so its peak RSS is the
+first 16,384 tokens of Pride and Prejudice in 512-token windows. Other arguments go to `foldgpt compress`
+(e.g. `--cure-seed 1`). The compress runs in a child process, so its peak RSS is the
 process's own (resource.getrusage of the children).
 """
 
@@ -32,8 +32,8 @@ def main() -> None:
     ap.add_argument("--target-params", default="0.75")
     ap.add_argument("--out", required=True, help="JSON file for the measurements")
     ap.add_argument("--keep", default=None, help="keep the compressed folder here (default: a temporary one)")
-    ap.add_argument("extra", nargs="*", help="after --: more `foldgpt compress` arguments")
-    args = ap.parse_args()
+    args, extra = ap.parse_known_args()  # the rest goes to `foldgpt compress`
+    args.extra = [a for a in extra if a != "--"]
     data = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")) / "corpora" / "austen"
     text = [str(data / f"austen_{n}.txt") for n in CALIB]
     fg = str(Path(sys.executable).with_name("foldgpt"))

@@ -1,9 +1,11 @@
-"""FoldGPT's default ranking: greedy calibration NLL, fold-or-delete by measured cost, child branch gates."""
+"""FoldGPT's greedy ranking (`--ranking greedy`, the ablation of the default search): greedy calibration NLL,
+fold-or-delete by measured cost, child branch gates."""
 
 import pytest
 import torch
 from helpers import fast_config
-from test_peers import applied, make_ctx
+from test_peers import applied
+from test_peers import make_ctx as _make_ctx
 
 import foldgpt
 from foldgpt.adapters import get_adapter
@@ -14,6 +16,11 @@ from foldgpt.methods.foldgpt import CHILD_GATE_GRID
 from foldgpt.models import load_model
 from foldgpt.plan import Plan
 from foldgpt.structure import unique_params
+
+def make_ctx(*args, **kw):
+    kw.setdefault("ranking", "greedy")
+    return _make_ctx(*args, **kw)
+
 
 IDS = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(5))
 

@@ -55,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search: after the first step re-score only this many best actions (0: all, every step)")
     c.add_argument("--search-score", choices=["nll", "topk"], default="topk",
                    help="search: calibration NLL through the vocabulary head, or restricted to the teacher's top-k "
-                        "tokens (default; the best --confirm actions of each step are re-scored with the exact NLL)")
-    c.add_argument("--confirm", type=int, default=2,
-                   help="search: re-score this many best actions of each step with the exact NLL (0: off)")
+                        "tokens and the target (default; bench/search_agreement.py compares them)")
+    c.add_argument("--confirm", type=int, default=0,
+                   help="search: re-score this many best actions of each step with the exact NLL (default 0: off)")
+    c.add_argument("--per-step", type=int, default=3,
+                   help="search: actions taken per step (the best, then the next best of other layers)")
     c.add_argument("--no-alpha", dest="alpha", action="store_false",
                    help="search: fitted children never add alpha * parent (own low-rank factors only)")
     c.add_argument("--no-child-gates", dest="child_gates", action="store_false",
@@ -226,7 +228,7 @@ def _compress(args) -> int:
                         select=args.fold_select, child_gates=args.child_gates,
                         across_kinds=args.fold_across_kinds, child_fractions=_floats(args.child_fractions),
                         rescore=args.rescore, score=args.search_score, alpha=args.alpha,
-                        confirm=args.confirm),
+                        confirm=args.confirm, per_step=args.per_step),
         cure_cfg=cure_cfg, **run_kw,
     ) if target is not None or args.remove_rate is not None else CompressConfig(
         method=args.method, target_params=None, remove_rate=0.0, seed=args.seed, cure=args.cure,

@@ -64,8 +64,9 @@ class FoldConfig:
     score: str = "topk"
     topk: int = 64
     search_windows: int = 2  # calibration windows the search scores on
-    confirm: int = 2  # the best few of each step are scored again with the exact NLL on confirm_windows, which decides
+    confirm: int = 0  # > 0: the best few of each step are scored again with the exact NLL on confirm_windows
     confirm_windows: int = 4
+    per_step: int = 3  # actions taken per search step (the best, then the next best of other layers)
     fit_windows: int = 32  # calibration windows whose activations the children are fitted on
     alpha: bool = True  # a child Linear may add alpha * parent where that lowers its calibration error
     alpha_margin: float = 0.1  # ... by more than this fraction

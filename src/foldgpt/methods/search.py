@@ -195,10 +195,11 @@ class SearchResult:
 
 def search(ctx: Context, fits: ChildFits, target: int, ids: torch.Tensor, fractions: list[float],
            rescore: int = 6, score: str = "nll", topk: int = 64, confirm: int = 0,
-           confirm_ids: torch.Tensor | None = None) -> SearchResult:
+           confirm_ids: torch.Tensor | None = None, per_step: int = 1) -> SearchResult:
     """The greedy search over actions until the unique parameters are at most `target` (see the module doc).
     `rescore` <= 0 scores every action at every step (the exact greedy). `confirm` > 0: the best `confirm` actions
-    of each step's scores are scored again with the exact NLL on `confirm_ids`, which decides."""
+    of each step's scores are scored again with the exact NLL on `confirm_ids`, which decides. `per_step` > 1 also
+    takes the next best actions of other layers (at most twice the best's cost per parameter) in the same step."""
     costs = layer_costs(ctx.model, ctx, fits.paths)
     n = len(costs)
     prot = ctx.protected()
@@ -206,6 +207,7 @@ def search(ctx: Context, fits: ChildFits, target: int, ids: torch.Tensor, fracti
     states: list[tuple] = [(KEEP,)] * n
     fixed = sum(p.numel() for p in {id(p): p for p in ctx.model.parameters()}.values()) - sum(c.block for c in costs)
     params = fixed + sum(c.block for c in costs)
+    params_dense = params
     if target >= params:
         return SearchResult(states, [], ranks, float("nan"))
     if fixed >= target:
@@ -235,28 +237,37 @@ def search(ctx: Context, fits: ChildFits, target: int, ids: torch.Tensor, fracti
             if judge is not None:  # the exact NLL decides among the best few
                 _, i, s = min(((judge.trial(i, s) - exact) / (costs[i].params(states[i]) - costs[i].params(s)), i, s)
                               for i, s in ranked[:confirm])
-            else:
-                i, s = ranked[0]
-            before = costs[i].params(states[i])
-            states[i] = s
-            for sc in (scorer, judge):
-                if sc is not None:
-                    sc.commit(i, s)
-            for key in [k for k in stale if k[0] == i]:
-                del stale[key]  # the layer's options start from its new state
-            params -= before - costs[i].params(s)
+                ranked.remove((i, s))
+                ranked.insert(0, (i, s))
+            chosen: list[tuple] = []
+            limit = 2 * max(stale[ranked[0]], 0.0)
+            for i, s in ranked:  # the best, and up to per_step - 1 next best of other layers (one refresh for all)
+                if len(chosen) == max(1, per_step) or params <= target:
+                    break
+                if any(i == j for j, _ in chosen) or (chosen and stale[(i, s)] > limit):
+                    continue
+                chosen.append((i, s))
+                saved = costs[i].params(states[i]) - costs[i].params(s)
+                states[i] = s
+                for sc in (scorer, judge):
+                    if sc is not None:
+                        sc.commit(i, s)
+                for key in [k for k in stale if k[0] == i]:
+                    del stale[key]  # the layer's options start from its new state
+                params -= saved
+                bar.update(saved) if steps else None
             if not steps:
                 bar.close()
-                bar = tqdm(total=params + before - costs[i].params(s) - target, initial=before - costs[i].params(s),
+                bar = tqdm(total=params_dense - target, initial=params_dense - params,
                            desc="FoldGPT search (parameters)", leave=False)
-            else:
-                bar.update(before - costs[i].params(s))
             current = scorer.refresh()
             exact = judge.refresh() if judge is not None else None
-            steps.append({"layer": i, "state": list(s), "loss": current, "params": params, "scored": len(todo),
-                          **({"nll": exact} if exact is not None else {})})
-            log.info("search: layer %d -> %s (calibration loss %.4f, %s unique params, %d actions scored)", i,
-                     s[0] if s[0] != "child" else f"child rank {s[1]}", current, f"{params:,}", len(todo))
+            for i, s in chosen:
+                steps.append({"layer": i, "state": list(s), "loss": current, "params": params, "scored": len(todo),
+                              **({"nll": exact} if exact is not None else {})})
+            log.info("search: %s (calibration loss %.4f, %s unique params, %d actions scored)",
+                     ", ".join(f"layer {i} -> {s[0] if s[0] != 'child' else f'child rank {s[1]}'}" for i, s in chosen),
+                     current, f"{params:,}", len(todo))
     finally:
         bar.close()
         if judge is not None:  # first: its weight swaps sit on top of the scorer's
