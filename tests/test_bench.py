@@ -85,14 +85,16 @@ def test_cure_seed_variant_reuses_the_plan_of_a_row_written_without_one(tiny_dir
                                                                         monkeypatch):
     """Rows written before rows carried their plan still lend it (rebuilt from the removed layers, groups and child
     gate starts) to a cure-only variant such as 'foldgpt[cure_cfg.seed=1]', which runs only with the cure; the
-    rebuilt plan gives the same model (unique parameters) and a different cure seed gives a different result."""
+    rebuilt plan gives the same model (unique parameters) and a different cure seed gives a different result. A
+    search row's plan is not rebuilt (a row does not record its fitted children)."""
     import json
 
     import foldgpt.bench as fb
 
     real_run = fb.run_method
     args = (str(tiny_dirs["llama"]), ["foldgpt", "random"], [0.8], [str(text_file)], [str(eval_file)])
-    kw = dict(cure=True, base=fast_config(), eval_seq_len=32)
+    # such rows come from a foldgpt that predates the search: its foldgpt rows ranked greedily
+    kw = dict(cure=True, base=fast_config(ranking="greedy"), eval_seq_len=32)
     bench(*args, tmp_path / "a", **kw)
     # the same rows as an older foldgpt wrote them: no plan
     log = fb.rows_file(tmp_path / "b")
@@ -115,3 +117,6 @@ def test_cure_seed_variant_reuses_the_plan_of_a_row_written_without_one(tiny_dir
         assert seeded["perplexity"] != old["perplexity"]
     assert by[("foldgpt[cure_cfg.seed=1]", True)]["seconds"] is None  # a cured row's plan time is unknown
     assert by[("random[cure_cfg.seed=1]", True)]["seconds"] > by[("random", False)]["seconds"]
+    # the search's plan is more than a row records (its fitted children's ranks and modes): not rebuilt from one
+    search = fb.variant_config("foldgpt", fast_config(), 0.8, True)
+    assert search.ranking == "search" and fb._plan_from_row(by[("foldgpt", True)], search, None) is None

@@ -17,7 +17,9 @@ from foldgpt.plan import Plan
 from foldgpt.structure import apply_plan_
 from foldgpt.weights import clone_sharing_weights
 
-CFG = dict(steps=4, batch_size=4, warmup=1, lr=5e-3)
+# fp32: these runs must agree to float rounding; under bf16 autocast (what "auto" resolves to on a CPU with bf16
+# instructions) an fp32 sum in another order can flip a weight's bf16 rounding in the next step
+CFG = dict(steps=4, batch_size=4, warmup=1, lr=5e-3, precision="fp32")
 
 
 def _run(model_dir: str, text: str, fsdp: bool = False) -> dict:

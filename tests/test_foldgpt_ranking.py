@@ -17,6 +17,7 @@ from foldgpt.models import load_model
 from foldgpt.plan import Plan
 from foldgpt.structure import unique_params
 
+
 def make_ctx(*args, **kw):
     kw.setdefault("ranking", "greedy")
     return _make_ctx(*args, **kw)
@@ -223,7 +224,9 @@ def test_auto_unit_folds_sub_blocks_only_when_their_nll_rise_is_clearly_smaller(
 
 
 def test_compress_records_the_auto_units_choice(tiny_dirs, text_file, tmp_path):
-    cfg = fast_config(target_params=0.5, gate=foldgpt.GateConfig(steps=24, batch_size=4))  # the default unit: auto
+    # the greedy ranking with the default unit, auto (the default ranking, the search, has no units to choose)
+    cfg = fast_config(target_params=0.5, ranking="greedy", gate=foldgpt.GateConfig(steps=24, batch_size=4))
+    assert cfg.gate.unit == "auto"
     res = foldgpt.compress(str(tiny_dirs["llama"]), [str(text_file)], tmp_path / "o", cfg)
     saved = Plan.load(tmp_path / "o" / "plan.json")
     choice = saved.provenance["unit_choice"]
@@ -238,7 +241,9 @@ def test_auto_unit_ranks_layers_without_a_target(tiny_dirs, text_file):
 
 
 def test_compress_reports_child_gates_before_and_after_the_cure(tiny_dirs, text_file, tmp_path):
-    res = foldgpt.compress(str(tiny_dirs["llama"]), [str(text_file)], tmp_path / "o", fast_config(target_params=0.6))
+    # the greedy ranking's children carry measured branch gates (the search's fitted children do not)
+    res = foldgpt.compress(str(tiny_dirs["llama"]), [str(text_file)], tmp_path / "o",
+                           fast_config(target_params=0.6, ranking="greedy"))
     gates = res.summary["child_gates"]
     assert gates and set(gates) == set(res.plan.child_gates)
     assert all(v["start"] == res.plan.child_gates[c] for c, v in gates.items())

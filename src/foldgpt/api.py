@@ -224,8 +224,12 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> Met
     budget = plan_budget(s.dense, s.adapter, num_layers, cfg.target_params, cfg.remove_rate, cfg.remove_share,
                          cfg.fold.group_size if method.folds else 1, cfg.fold.adapter_rank,
                          cfg.fold.shared_linears or None, cfg.fold.child_gates)
-    log.info("budget: remove %d layers, fold %d children (predicted %s unique params of %s)",
-             budget.n_remove, budget.n_fold, fmt_int(budget.predicted_params), fmt_int(budget.base_params))
+    if plan is None and cfg.method == "foldgpt" and cfg.ranking == "search" and budget.target_params is not None:
+        log.info("budget: %s unique params of %s (the search chooses deletions and children)",
+                 fmt_int(budget.target_params), fmt_int(budget.base_params))
+    else:
+        log.info("budget: remove %d layers, fold %d children (predicted %s unique params of %s)",
+                 budget.n_remove, budget.n_fold, fmt_int(budget.predicted_params), fmt_int(budget.base_params))
     if cfg.compensate != "none":  # an architecture it cannot merge into: fail before planning, not after
         check_compensable(s.adapter, s.dense.config.model_type, cfg.compensate)
     ctx = Context(s.dense, s.adapter, s.calib, cfg, budget, s.bos, s.similarity)

@@ -128,8 +128,9 @@ def cure_only(name: str) -> bool:
 
 def _plan_from_row(row: dict, cfg: CompressConfig, session) -> Plan | None:
     """The plan of a row written before rows carried it, from the removed layers, groups and child gate starts
-    the row records; None where those do not describe it (a method that merges layers)."""
-    if get_method(cfg.method).merges or "removed" not in row:
+    the row records; None where those do not describe it (a method that merges layers; foldgpt's search, whose
+    fitted children's ranks and modes a row does not record)."""
+    if get_method(cfg.method).merges or "removed" not in row or (cfg.method == "foldgpt" and cfg.ranking == "search"):
         return None
     gates = {c: g["start"] if isinstance(g, dict) else g for c, g in row.get("child_gates", {}).items()}
     return make_plan(cfg, session.dense, session.adapter, list(row["removed"]),

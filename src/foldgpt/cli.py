@@ -9,6 +9,8 @@ import os
 import sys
 from contextlib import contextmanager
 
+from .config import CureConfig
+
 EPILOG = """quick start:
   foldgpt compress smollm2-135m --text my_corpus/ --target-params 0.75 --out small/
   foldgpt eval smollm2-135m small/ --text held_out.txt --seq-len 512 --json ppl.json
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fold-across-kinds", action="store_true",
                    help="a folded child may borrow a kept layer of another attention kind (Gemma-3 sliding-window "
                         "and global layers; same weight shapes) when measurement says it helps")
-    c.add_argument("--cure-steps", type=int, default=100)
+    c.add_argument("--cure-steps", type=int, default=CureConfig.steps)
     c.add_argument("--cure-lr", type=float, default=2e-3)
     c.add_argument("--tail-layers", type=int, default=2)
     cure = c.add_mutually_exclusive_group()
@@ -130,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-len", type=int, default=256)
     b.add_argument("--calib-seqs", type=int, default=512)
     b.add_argument("--gate-steps", type=int, default=40)
-    b.add_argument("--cure-steps", type=int, default=100)
+    b.add_argument("--cure-steps", type=int, default=CureConfig.steps)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--resume", action="store_true",
                    help="keep the rows already finished in OUT.rows.jsonl (same command) and run the rest")
@@ -168,7 +170,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="with --device-map auto: memory per device for the layers, e.g. cuda:0=30GiB,cpu=200GiB "
                         "(cpu present: offload the rest; default: 90%% of each GPU's free memory)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="autocast for gate training and fold costs (auto: bf16 on GPU, fp32 on CPU)")
+                   help="autocast for gate training and fold costs (auto: bf16 on a GPU or a CPU with bf16 "
+                        "instructions, else fp32)")
     p.add_argument("--cure-precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="autocast for the cure")
     p.add_argument("--cure-lora-rank", type=int, default=8,

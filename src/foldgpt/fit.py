@@ -92,13 +92,13 @@ class LowRankFit:
         root = self.s[:r].sqrt()
         b = torch.zeros(self.u.shape[0], rank, dtype=torch.float64, device=self.u.device)
         a = torch.zeros(rank, self.vh_linv.shape[1], dtype=torch.float64, device=self.u.device)
-        b[:, :r] = self.u[:, :r] * root
-        a[:r] = root[:, None] * self.vh_linv[:r]
+        b[:, :r] = self.u[:, :r].double() * root
+        a[:r] = root[:, None] * self.vh_linv[:r].double()
         return b.float(), a.float()
 
     def weight(self, rank: int) -> torch.Tensor:
         r = min(rank, self.s.numel())
-        return ((self.u[:, :r] * self.s[:r]) @ self.vh_linv[:r]).float()
+        return (self.u[:, :r] * self.s[:r].float()) @ self.vh_linv[:r]
 
     def error(self, rank: int) -> float:
         """||(D - B A) X^T||^2 on the calibration inputs (plus the ridge) at this rank."""
@@ -108,7 +108,8 @@ class LowRankFit:
 def lowrank_fit(target: torch.Tensor, chol: torch.Tensor, inv: torch.Tensor) -> LowRankFit:
     m = target.double() @ chol
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    return LowRankFit(u, s, vh @ inv, float((s**2).sum()))
+    # decomposed in float64, kept in float32 (the search holds every layer's fits)
+    return LowRankFit(u.float(), s, (vh @ inv).float(), float((s**2).sum()))
 
 
 def lstsq_alpha(w: torch.Tensor, w_parent: torch.Tensor, cov: torch.Tensor) -> float:
