@@ -99,7 +99,6 @@ def main() -> None:
                     errs.setdefault(vname, []).append(float((y2 - y).float().norm() / u.norm()))
             h = y
         rows[name] = errs
-    per_block = layers[0].get_submodule(paths[0])  # noqa: F841  (shapes below)
     cost = {r: r * sum(layers[0].get_submodule(q).in_features + layers[0].get_submodule(q).out_features
                        for q in paths) for r in ranks}
     block = sum(p.numel() for p in layers[0].parameters())
@@ -118,7 +117,8 @@ def main() -> None:
             v = rows[name][vname]
             cells.append(f"{statistics.median(v):.3f} ({min(v):.2f}-{max(v):.2f})")
         better = sum(x < 1.0 for x in rows["Pride and Prejudice"][vname])
-        lines.append(f"| {vname} | {size} | " + " | ".join(cells) + f" | {better}/{len(rows['Pride and Prejudice'][vname])} |")
+        total = len(rows["Pride and Prejudice"][vname])
+        lines.append(f"| {vname} | {size} | " + " | ".join(cells) + f" | {better}/{total} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"model": args.model, "ranks": ranks, "errors": rows}, indent=1))
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")

@@ -48,6 +48,7 @@ def main() -> None:
         wall = time.perf_counter() - t
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # kB on Linux
         summary = json.loads((Path(out) / "summary.json").read_text())
+        plan = json.loads((Path(out) / "plan.json").read_text())
         ev = Path(tmp) / "eval.json"
         subprocess.run([fg, "eval", out, "--text", str(data / "austen_prideprejudice.txt"), "--seq-len", "512",
                         "--max-tokens", "16384", "--json", str(ev)], check=True, env=env)
@@ -56,7 +57,8 @@ def main() -> None:
            "wall_seconds": round(wall, 1), "peak_rss_bytes": peak, "stage_seconds": summary["seconds"],
            "params_ratio": summary["params_ratio"], "removed": summary["removed"], "groups": summary["groups"],
            "calib_loss_before_cure": summary["calib_loss_before_cure"], "calib_loss": summary["calib_loss"],
-           "eval": ppl}
+           "eval": ppl, "plan": {k: plan.get(k) for k in ("removed", "groups", "child_ranks", "child_modes",
+                                                          "adapter_init", "unit", "method", "compensation")}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(row, indent=2) + "\n")
     print(f"wall {wall:.0f} s, peak RSS {peak / 2**30:.2f} GiB")

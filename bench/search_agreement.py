@@ -34,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--stride", type=int, default=3, help="score the actions of every n-th layer")
+    ap.add_argument("--windows", type=int, default=4, help="windows of the reference (the variants use half)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     from foldgpt.api import prepare
@@ -52,7 +53,7 @@ def main() -> None:
     costs = layer_costs(ctx.model, ctx, fits.paths)
     ranks = ranks_for(costs[0], cfg.fold.child_fractions)
     actions = [(i, st) for i in range(0, n, args.stride) for st in transitions(("keep",), ranks)]
-    w = cfg.fold.search_windows
+    w = args.windows
     variants = {"nll": ("nll", w), "topk": ("topk", w), f"nll, {w // 2} windows": ("nll", w // 2),
                 f"topk, {w // 2} windows": ("topk", w // 2)}
     scores, seconds = {}, {}
@@ -78,7 +79,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "model": args.model, "actions": [[i, list(st)] for i, st in actions], "scores": scores, "summary": rows,
-        "command": f"python bench/search_agreement.py {args.model} --stride {args.stride} --out {args.out}"},
+        "command": f"python bench/search_agreement.py {args.model} --stride {args.stride} --windows {w} "
+                   f"--out {args.out}"},
         indent=1) + "\n")
 
 

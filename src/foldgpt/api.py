@@ -249,6 +249,7 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> Met
         student = clone_sharing_weights(s.dense)
         apply_plan_(student, the_plan, s.adapter, seed=cfg.seed,
                     fits=ctx.child_fits() if the_plan.adapter_init == "fit" and the_plan.groups else None)
+        ctx.fits = None  # every layer's fits (about as large as the model): the children hold what they need
         traffic = placement.follow(student, s.adapter, s.dense)  # each layer where the weights it borrows live
         if the_plan.compensation:  # after follow: a placed student runs where its weights live
             ctx.info["compensation"] = apply_compensation_(student, s.dense, the_plan, s.adapter,

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokens and the target (default; bench/search_agreement.py compares them)")
     c.add_argument("--confirm", type=int, default=0,
                    help="search: re-score this many best actions of each step with the exact NLL (default 0: off)")
+    c.add_argument("--actions", default="attn,mlp,layer,child",
+                   help="search: what it may do to a layer: delete its attention (attn) or MLP (mlp), delete it "
+                        "(layer), make it a fitted child (child)")
     c.add_argument("--per-step", type=int, default=3,
                    help="search: actions taken per step (the best, then the next best of other layers)")
     c.add_argument("--no-alpha", dest="alpha", action="store_false",
@@ -86,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and global layers; same weight shapes) when measurement says it helps")
     c.add_argument("--cure-steps", type=int, default=CureConfig.steps)
     c.add_argument("--cure-lr", type=float, default=2e-3)
+    c.add_argument("--child-lr-scale", type=float, default=CureConfig.child_lr_scale,
+                   help="learning-rate factor for the fitted children's factors in the cure")
     c.add_argument("--tail-layers", type=int, default=2)
     cure = c.add_mutually_exclusive_group()
     cure.add_argument("--cure", dest="cure", action="store_true", default=None, help="cure any method")
@@ -220,6 +225,7 @@ def _compress(args) -> int:
         target = 0.75
     run_kw, gate_kw, cure_kw = _run_kwargs(args)
     cure_cfg = CureConfig(steps=args.cure_steps, lr=args.cure_lr, tail_layers=args.tail_layers, seed=args.cure_seed,
+                          child_lr_scale=args.child_lr_scale,
                           **cure_kw)
     cfg = CompressConfig(
         method=args.method, target_params=target, remove_rate=args.remove_rate, remove_share=args.remove_share,
@@ -231,7 +237,8 @@ def _compress(args) -> int:
                         select=args.fold_select, child_gates=args.child_gates,
                         across_kinds=args.fold_across_kinds, child_fractions=_floats(args.child_fractions),
                         rescore=args.rescore, score=args.search_score, alpha=args.alpha,
-                        confirm=args.confirm, per_step=args.per_step),
+                        confirm=args.confirm, per_step=args.per_step,
+                        actions=[a.strip() for a in args.actions.split(",") if a.strip()]),
         cure_cfg=cure_cfg, **run_kw,
     ) if target is not None or args.remove_rate is not None else CompressConfig(
         method=args.method, target_params=None, remove_rate=0.0, seed=args.seed, cure=args.cure,

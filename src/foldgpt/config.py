@@ -67,6 +67,7 @@ class FoldConfig:
     confirm: int = 0  # > 0: the best few of each step are scored again with the exact NLL on confirm_windows
     confirm_windows: int = 4
     per_step: int = 3  # actions taken per search step (the best, then the next best of other layers)
+    actions: list[str] = field(default_factory=lambda: ["attn", "mlp", "layer", "child"])  # what the search may do
     fit_windows: int = 32  # calibration windows whose activations the children are fitted on
     alpha: bool = True  # a child Linear may add alpha * parent where that lowers its calibration error
     alpha_margin: float = 0.1  # ... by more than this fraction
@@ -78,6 +79,8 @@ class FoldConfig:
         _check(all(0 < f < 1 for f in self.child_fractions) and len(self.child_fractions) > 0,
                "child fractions must be in (0, 1)")
         _check(self.score in ("nll", "topk"), f"search score must be 'nll' or 'topk', got '{self.score}'")
+        _check(bool(self.actions) and set(self.actions) <= {"attn", "mlp", "layer", "child"},
+               f"search actions must be among attn, mlp, layer, child; got {self.actions}")
         _check(self.topk >= 1 and self.search_windows >= 1 and self.fit_windows >= 1,
                "--topk, search windows and fit windows must be >= 1")
         _check(self.select in ("loss", "adjacent"), "fold selection must be 'loss' or 'adjacent'")
@@ -88,6 +91,9 @@ class CureConfig:
     steps: int = 50  # 50 steps of 4 x 256 tokens: the default compress stays within minutes on a laptop CPU
     batch_size: int = 4
     lr: float = 2e-3
+    # learning-rate factor for fitted children's factors (own / alpha modes): Adam moves every entry by about lr per
+    # step, large against the small entries of a closed-form fit
+    child_lr_scale: float = 0.1
     warmup: int = 10
     alpha_kl: float = 1.0
     beta_tail: float = 1.0
@@ -109,6 +115,7 @@ class CureConfig:
     def __post_init__(self):
         _check(self.steps >= 0, "cure steps must be >= 0")
         _check(self.tail_layers >= 0, "tail layers must be >= 0")
+        _check(self.child_lr_scale >= 0, "child learning-rate scale must be >= 0")
         _check(self.lora_rank >= 0, "cure LoRA rank must be >= 0")
         _check(self.teacher_topk >= 1, "--teacher-topk must be >= 1")
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"),

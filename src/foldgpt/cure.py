@@ -35,11 +35,10 @@ def trainable_parameters(model: nn.Module, adapter: Adapter, train_all_norms: bo
     for layer in adapter.layers(model):
         is_child = any(isinstance(m, SharedLinear) for m in layer.modules())
         for name, mod in layer.named_modules():
-            if isinstance(mod, SharedLinear) and mod.rank > 0:
-                chosen[id(mod.lora_A)] = mod.lora_A
-                chosen[id(mod.lora_B)] = mod.lora_B
-            if isinstance(mod, SharedLinear) and mod.mode == "alpha":
-                chosen[id(mod.alpha)] = mod.alpha
+            if isinstance(mod, SharedLinear):  # the child's own small parameters: factors, alpha, own bias
+                for name in ("lora_A", "lora_B", "alpha", "bias"):
+                    if isinstance(getattr(mod, name, None), nn.Parameter):
+                        chosen[id(getattr(mod, name))] = getattr(mod, name)
             elif name in adapter.norms(layer) and ((is_child and train_child_norms) or train_all_norms):
                 for p in mod.parameters(recurse=False):
                     chosen[id(p)] = p
@@ -159,7 +158,11 @@ def _cure_loop(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches
                seed: int, params: list[nn.Parameter], n_train: int) -> dict:
     for p in teacher.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    fitted = {id(p) for m in student.modules() if isinstance(m, SharedLinear) and m.mode != "shared"
+              for p in (getattr(m, "lora_A", None), getattr(m, "lora_B", None)) if p is not None}
+    groups = [{"params": [p for p in params if id(p) not in fitted], "scale": 1.0},
+              {"params": [p for p in params if id(p) in fitted], "scale": cfg.child_lr_scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 1)
     order = torch.randperm(len(batches), generator=g)
     student.train(False)  # no dropout: distillation is deterministic
@@ -182,7 +185,7 @@ def _cure_loop(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches
         bar = tqdm(range(cfg.steps), desc="Cure", leave=False, disable=rank != 0)
         for step in bar:
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
+                group["lr"] = lr_at(step, cfg) * group["scale"]
             opt.zero_grad()
             totals = {"loss": 0.0, "kl": 0.0, "tail": 0.0}
             mine = _schedule(step, cfg, order, len(batches), rank, world)

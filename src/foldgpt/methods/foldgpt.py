@@ -302,7 +302,8 @@ def search_fold(ctx: Context) -> Plan:
     fits = ctx.child_fits()
     ids = ctx.calib[: min(cfg.fold.search_windows, len(ctx.calib))]
     found = search(ctx, fits, target, ids, cfg.fold.child_fractions, cfg.fold.rescore, cfg.fold.score, cfg.fold.topk,
-                   cfg.fold.confirm, ctx.calib[: min(cfg.fold.confirm_windows, len(ctx.calib))], cfg.fold.per_step)
+                   cfg.fold.confirm, ctx.calib[: min(cfg.fold.confirm_windows, len(ctx.calib))], cfg.fold.per_step,
+                   tuple(cfg.fold.actions))
     costs = layer_costs(ctx.model, ctx, fits.paths)
     used = b.base_params - sum(c.block for c in costs) + sum(c.params(s) for c, s in zip(costs, found.states))
     n_children = sum(s[0] == "child" for s in found.states)

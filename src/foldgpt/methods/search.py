@@ -60,29 +60,34 @@ class LayerCosts:
 def layer_costs(model: nn.Module, ctx: Context, paths: list[str]) -> list[LayerCosts]:
     out = []
     ad = ctx.adapter
-    for layer in ad.layers(model):
-        def part(branch, norms):
-            mods = [layer.get_submodule(branch), *(layer.get_submodule(n) for n in norms)]
-            return sum(p.numel() for m in mods for p in m.parameters())
+    def part(layer, branch, norms):
+        mods = [layer.get_submodule(branch), *(layer.get_submodule(n) for n in norms)]
+        return sum(p.numel() for m in mods for p in m.parameters())
 
+    for layer in ad.layers(model):
         lin = sum(p.numel() for path in paths for p in layer.get_submodule(path).parameters())
         biases = sum(layer.get_submodule(path).bias.numel() for path in paths
                      if layer.get_submodule(path).bias is not None)
-        out.append(LayerCosts(layer_params(layer), part(ad.attn_branch, ad.attn_norms),
-                              part(ad.mlp_branch, ad.mlp_norms), layer_params(layer) - lin + biases,
+        out.append(LayerCosts(layer_params(layer), part(layer, ad.attn_branch, ad.attn_norms),
+                              part(layer, ad.mlp_branch, ad.mlp_norms), layer_params(layer) - lin + biases,
                               lowrank_cost(layer, paths, 1)))
     return out
 
 
-def transitions(state: tuple, ranks: list[int]) -> list[tuple]:
-    """The states one action leads to from `state` (each saves parameters)."""
+ACTIONS = ("attn", "mlp", "layer", "child")  # what the search may do to a layer (`--actions`)
+
+
+def transitions(state: tuple, ranks: list[int], actions: tuple[str, ...] = ACTIONS) -> list[tuple]:
+    """The states one action leads to from `state` (each saves parameters), among the allowed `actions`."""
     kind = state[0]
+    gone = [(GONE,)] if "layer" in actions else []
     if kind == KEEP:
-        return [(NO_ATTN,), (NO_MLP,), (GONE,)] + [("child", r) for r in ranks]
+        return ([(NO_ATTN,)] if "attn" in actions else []) + ([(NO_MLP,)] if "mlp" in actions else []) + gone + (
+            [("child", r) for r in ranks] if "child" in actions else [])
     if kind in (NO_ATTN, NO_MLP):
         return [(GONE,)]
     if kind == "child":
-        return [("child", r) for r in ranks if r < state[1]] + [(GONE,)]
+        return [("child", r) for r in ranks if r < state[1]] + gone
     return []
 
 
@@ -195,7 +200,8 @@ class SearchResult:
 
 def search(ctx: Context, fits: ChildFits, target: int, ids: torch.Tensor, fractions: list[float],
            rescore: int = 6, score: str = "nll", topk: int = 64, confirm: int = 0,
-           confirm_ids: torch.Tensor | None = None, per_step: int = 1) -> SearchResult:
+           confirm_ids: torch.Tensor | None = None, per_step: int = 1,
+           actions: tuple[str, ...] = ACTIONS) -> SearchResult:
     """The greedy search over actions until the unique parameters are at most `target` (see the module doc).
     `rescore` <= 0 scores every action at every step (the exact greedy). `confirm` > 0: the best `confirm` actions
     of each step's scores are scored again with the exact NLL on `confirm_ids`, which decides. `per_step` > 1 also
@@ -217,13 +223,13 @@ def search(ctx: Context, fits: ChildFits, target: int, ids: torch.Tensor, fracti
     judge = _Scorer(ctx, confirm_ids if confirm_ids is not None else ids, fits, "nll", topk) if confirm > 0 else None
     stale: dict[tuple, float] = {}  # (layer, new state) -> loss rise per parameter at its last scoring
     steps: list[dict] = []
-    first = sum(len(transitions(s, ranks)) for i, s in enumerate(states) if i not in prot)
+    first = sum(len(transitions(s, ranks, actions)) for i, s in enumerate(states) if i not in prot)
     bar = tqdm(total=first, desc="FoldGPT search (first step)", leave=False)
     try:
         current = dense = scorer.refresh()
         exact = judge.refresh() if judge is not None else None
         while params > target:
-            options = [(i, s) for i in range(n) if i not in prot for s in transitions(states[i], ranks)]
+            options = [(i, s) for i in range(n) if i not in prot for s in transitions(states[i], ranks, actions)]
             if not options:
                 raise FoldGPTError("the search ran out of actions before the target; raise --target-params")
             fresh = [o for o in options if o not in stale]
