@@ -15,6 +15,9 @@ LABELS = {
     "foldgpt": "**foldgpt** (default: one search, fitted children, cure)",
     "foldgpt_noalpha": "foldgpt, children never add alpha * parent (`--no-alpha`)",
     "foldgpt_nocure": "foldgpt, no cure",
+    "foldgpt_childlr1": "foldgpt, child factors at the full cure learning rate (`--child-lr-scale 1`)",
+    "foldgpt_nosub": "foldgpt, search without sub-block deletions (`--actions layer,child`)",
+    "foldgpt_childlr0": "foldgpt, child factors frozen in the cure (`--child-lr-scale 0`)",
     "sleb": "SLEB + cure",
     "blockpruner": "BlockPruner + cure",
     "replaceme": "ReplaceMe + cure",
@@ -45,6 +48,9 @@ def main() -> None:
         lines.append("")
         lines.append(f"Default vs best peer + cure ({LABELS.get(best, best)}): {means['foldgpt']:.2f} vs "
                      f"{peers[best]:.2f}, {1 - means['foldgpt'] / peers[best]:+.1%} lower perplexity.")
+    lines += ["", "SLEB's and BlockPruner's rows re-apply the plans their own searches found for this model and data "
+              "(bench/plans/README.md): their wall time is the cure's and the rest of the pipeline, without their "
+              "search. Layer-granular peers cannot land on the target exactly and keep fewer parameters."]
     text = "\n".join(lines) + "\n"
     (folder / "table.md").write_text(text)
     print(text)

@@ -150,3 +150,32 @@ def test_compress_with_the_search_saves_a_folder_that_reloads_and_exports(tiny_d
         assert torch.allclose(a, res.model(input_ids=ids).logits, atol=1e-5)
         assert torch.allclose(a, to_dense(model)(input_ids=ids).logits, atol=1e-4)
     assert res.summary["params_ratio"] <= 0.6
+
+
+def test_actions_restrict_what_the_search_may_do():
+    assert transitions((KEEP,), [8, 4], ("layer", "child")) == [("gone",), ("child", 8), ("child", 4)]
+    assert transitions((KEEP,), [8], ("attn",)) == [("attn",)]
+    assert transitions(("child", 8), [8, 4], ("child",)) == [("child", 4)]  # no deletion without "layer"
+    with pytest.raises(FoldGPTError, match="actions"):
+        foldgpt.FoldConfig(actions=["prune"])
+
+
+def test_cure_trains_fitted_factors_at_a_scaled_learning_rate(tiny_dirs, text_file):
+    """The children's fitted factors move less than the rest (child_lr_scale); at 0 they stay as fitted."""
+    ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=0.6)
+    plan = foldgpt.methods.get_method("foldgpt").run(ctx)
+    if not plan.groups:
+        pytest.skip("the search chose no child on this model")
+    from foldgpt.config import CureConfig
+    from foldgpt.cure import cure
+
+    moved = {}
+    for scale in (0.0, 1.0):
+        student = clone_sharing_weights(ctx.model)
+        apply_plan_(student, plan, ctx.adapter, fits=ctx.child_fits())
+        views = [m for m in student.modules() if isinstance(m, SharedLinear)]
+        before = [v.lora_B.detach().clone() for v in views]
+        cure(student, ctx.model, ctx.adapter, ctx.calib[:8], CureConfig(steps=3, batch_size=2, warmup=1,
+                                                                        child_lr_scale=scale, teacher_cache=False))
+        moved[scale] = max(float((v.lora_B - b).abs().max()) for v, b in zip(views, before))
+    assert moved[0.0] == 0.0 and moved[1.0] > 0.0

@@ -141,6 +141,7 @@ class ChildFits:
         self.cov = input_covariances(model, adapter, ids, self.paths)
         self._white: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._own: dict[tuple[int, str], LowRankFit] = {}
+        self._par: dict[tuple[int, int, str], tuple[float, LowRankFit]] = {}
 
     def _weight(self, layer: int, path: str) -> torch.Tensor:
         return self.adapter.layers(self.model)[layer].get_submodule(path).weight.detach()
@@ -160,9 +161,12 @@ class ChildFits:
 
     def with_parent(self, layer: int, parent: int, path: str) -> tuple[float, LowRankFit]:
         """alpha by least squares against the parent's weight, and the fit of what alpha * parent leaves."""
-        w, wp = self._weight(layer, path), self._weight(parent, path)
-        alpha = lstsq_alpha(w, wp, self.cov[(layer, path)])
-        return alpha, lowrank_fit(w.double() - alpha * wp.double(), *self.white(layer, path))
+        key = (layer, parent, path)
+        if key not in self._par:
+            w, wp = self._weight(layer, path), self._weight(parent, path)
+            alpha = lstsq_alpha(w, wp, self.cov[(layer, path)])
+            self._par[key] = alpha, lowrank_fit(w.double() - alpha * wp.double(), *self.white(layer, path))
+        return self._par[key]
 
     def own_weights(self, layer: int, rank: int) -> dict[str, torch.Tensor]:
         """The effective weights of the layer as an own low-rank child at `rank` (for scoring trials)."""
