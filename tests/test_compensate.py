@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from helpers import fast_config
+from test_peers import session as _peer_session
 
 import foldgpt
 from foldgpt.adapters import get_adapter
@@ -21,28 +22,15 @@ from foldgpt.compensate import (
     solve_least_squares,
     solve_linearpatch,
 )
-from foldgpt.data import calibration_batches, load_text, needs_bos, tokenize
 from foldgpt.methods import METHODS, Context, get_method, make_plan
-from foldgpt.models import load_model
 from foldgpt.plan import COMPENSATION_VERSION, Plan
 from foldgpt.structure import apply_plan_, unique_params
 from foldgpt.weights import clone_sharing_weights
 
-_SESSIONS: dict = {}
-
 
 def session(path, text_file):
-    """Dense model, adapter, calibration windows and BOS flag of a tiny model folder (cached)."""
-    key = str(path)
-    if key not in _SESSIONS:
-        cfg = fast_config()
-        model, tok = load_model(key)
-        adapter = get_adapter(model.config)
-        bos = needs_bos(tok, adapter.needs_bos)
-        ids = tokenize(tok, load_text([str(text_file)]).text)
-        calib = calibration_batches(ids, cfg.calib_seqs, cfg.seq_len, cfg.seed, tok.bos_token_id if bos else None)
-        _SESSIONS[key] = (model, adapter, calib, bos)
-    return _SESSIONS[key]
+    """Dense model, adapter, calibration windows and BOS flag of a tiny model folder (test_peers caches it)."""
+    return _peer_session(path, text_file)[:4]
 
 
 def build(model, adapter, removed, mode="", groups=()):
