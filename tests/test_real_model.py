@@ -30,4 +30,7 @@ def test_smollm2_compress_and_reload(tmp_path, monkeypatch):
     with torch.no_grad():
         assert (model(input_ids=ids).logits - res.model(input_ids=ids).logits).abs().max().item() <= 1e-5
     assert summary["calib_loss_before_cure"] > summary["calib_loss_dense"]  # compression costs something
-    assert summary["depth"] < summary["depth_base"]
+    # the search may keep every position (sub-block deletions and fitted children), but it changed the model and
+    # cut its compute
+    assert summary["removed"] or summary["groups"]
+    assert summary["flops_ratio"] < 1.0
