@@ -143,7 +143,7 @@ class ChildFits:
         self._own: dict[tuple[int, str], LowRankFit] = {}
         self._par: dict[tuple[int, int, str], tuple[float, LowRankFit]] = {}
 
-    def _weight(self, layer: int, path: str) -> torch.Tensor:
+    def weight(self, layer: int, path: str) -> torch.Tensor:
         return self.adapter.layers(self.model)[layer].get_submodule(path).weight.detach()
 
     def white(self, layer: int, path: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,14 +156,14 @@ class ChildFits:
         """The fit of the layer's own weight (alpha = 0)."""
         key = (layer, path)
         if key not in self._own:
-            self._own[key] = lowrank_fit(self._weight(layer, path), *self.white(layer, path))
+            self._own[key] = lowrank_fit(self.weight(layer, path), *self.white(layer, path))
         return self._own[key]
 
     def with_parent(self, layer: int, parent: int, path: str) -> tuple[float, LowRankFit]:
         """alpha by least squares against the parent's weight, and the fit of what alpha * parent leaves."""
         key = (layer, parent, path)
         if key not in self._par:
-            w, wp = self._weight(layer, path), self._weight(parent, path)
+            w, wp = self.weight(layer, path), self.weight(parent, path)
             alpha = lstsq_alpha(w, wp, self.cov[(layer, path)])
             self._par[key] = alpha, lowrank_fit(w.double() - alpha * wp.double(), *self.white(layer, path))
         return self._par[key]
@@ -203,7 +203,7 @@ def fit_linear_(view: nn.Module, own: nn.Linear, fits: ChildFits, layer: int, pa
         alpha, fit = fits.with_parent(layer, parent, path)
         view.alpha.fill_(alpha)
     else:  # the parent at full strength: fit what it leaves
-        w, wp = fits._weight(layer, path), fits._weight(parent, path)
+        w, wp = fits.weight(layer, path), fits.weight(parent, path)
         fit = lowrank_fit(w.double() - wp.double(), *fits.white(layer, path))
     if view.rank > 0:
         b, a = fit.factors(view.rank)

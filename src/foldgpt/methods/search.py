@@ -125,7 +125,7 @@ class _Scorer:
         if self.cand is None:
             return F.cross_entropy(self._logits(h).flatten(0, 1), self.target.flatten()).item()
         model = self.ctx.model
-        hn = model.model.norm(h)[:, :-1].float()
+        hn = self.ctx.adapter.final_norm(model)(h)[:, :-1].float()
         emb = model.get_output_embeddings().weight
         total = 0.0
         for b in range(hn.shape[0]):  # one window at a time: (T, k+1, d) gathered rows
