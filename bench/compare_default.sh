@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The default against the best peers given the same cure, at 75% unique parameters: each row is one
+# The default against the best peers given the same cure (TARGET, default 0.75 unique parameters): each row is one
 # `foldgpt compress` (timed, peak RSS) and one `foldgpt eval` on Pride and Prejudice (first 16,384 tokens, 512-token
 # windows), written to $OUT/ROW.json by bench/compress_time.py. A row whose JSON exists is skipped, so a stopped run
 # continues where it stopped. Render the table with `python bench/render_compare.py $OUT`.
 #   bash bench/compare_default.sh                                  (SmolLM2-135M, all rows: about 1 h on 2 CPU cores)
 #   MODEL=gemma3-270m ROWS="foldgpt_s0 blockpruner_s0" bash bench/compare_default.sh
+#   TARGET=0.60 ROWS="foldgpt_s0 sleb_s0 shortgpt_s0" bash bench/compare_default.sh
 # Peers whose searches take hours re-apply the plans of those searches (bench/plans/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 MODEL=${MODEL:-smollm2-135m}
-OUT=${OUT:-bench/results/compare_${MODEL}_075}
-P=bench/plans/${MODEL}_075
+TARGET=${TARGET:-0.75}
+TAG=$(printf '%03d' "$(awk -v t="$TARGET" 'BEGIN{printf "%d", t*100+0.5}')")
+OUT=${OUT:-bench/results/compare_${MODEL}_${TAG}}
+P=bench/plans/${MODEL}_${TAG}
 mkdir -p "$OUT"
 declare -A ARGS=(
   [foldgpt_s0]="--cure-seed 0"
@@ -20,6 +23,8 @@ declare -A ARGS=(
   [sleb_s1]="--method sleb --plan ${P}_sleb.json --cure --cure-seed 1"
   [blockpruner_s0]="--method blockpruner --plan ${P}_blockpruner.json --cure --cure-seed 0"
   [blockpruner_s1]="--method blockpruner --plan ${P}_blockpruner.json --cure --cure-seed 1"
+  [shortgpt_s0]="--method shortgpt --cure --cure-seed 0"
+  [shortgpt_s1]="--method shortgpt --cure --cure-seed 1"
   [replaceme_s0]="--method replaceme --cure --cure-seed 0"
   [replaceme_nocure]="--method replaceme --no-cure"
   [sleb_replaceme_s0]="--method sleb --plan ${P}_sleb.json --compensate replaceme --cure --cure-seed 0"
@@ -30,5 +35,5 @@ ORDER=${ROWS:-"foldgpt_s0 sleb_s0 replaceme_s0 foldgpt_s1 sleb_s1 blockpruner_s0
 for row in $ORDER; do
   [ -f "$OUT/$row.json" ] && { echo "skip $row (done)"; continue; }
   # shellcheck disable=SC2086
-  $PY bench/compress_time.py "$MODEL" --target-params 0.75 --out "$OUT/$row.json" ${ARGS[$row]}
+  $PY bench/compress_time.py "$MODEL" --target-params "$TARGET" --out "$OUT/$row.json" ${ARGS[$row]}
 done

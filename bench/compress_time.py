@@ -5,7 +5,8 @@ perplexity on held-out text.
     python bench/compress_time.py gemma3-270m --target-params 0.75 --out bench/results/compress_time_gemma3_075.json
 
 Calibration text: the five Austen calibration novels of ../shared/data (SHARED_DATA overrides); evaluation: the
-first 16,384 tokens of Pride and Prejudice in 512-token windows. Other arguments go to `foldgpt compress`
+first 16,384 tokens of Pride and Prejudice in 512-token windows, and, as text of another kind than the calibration
+novels, the GNU GPL v3 licence text where the system has it (`OOD_TEXT` overrides; `eval_ood` in the row). Other arguments go to `foldgpt compress`
 (e.g. `--cure-seed 1`). The compress runs in a child process, so its peak RSS is the
 process's own (resource.getrusage of the children).
 """
@@ -53,11 +54,17 @@ def main() -> None:
         subprocess.run([fg, "eval", out, "--text", str(data / "austen_prideprejudice.txt"), "--seq-len", "512",
                         "--max-tokens", "16384", "--json", str(ev)], check=True, env=env)
         ppl = json.loads(ev.read_text())
+        ood = Path(os.environ.get("OOD_TEXT", "/usr/share/common-licenses/GPL-3"))
+        ppl_ood = None
+        if ood.is_file():
+            subprocess.run([fg, "eval", out, "--text", str(ood), "--seq-len", "512", "--json", str(ev)], check=True,
+                           env=env)
+            ppl_ood = json.loads(ev.read_text())
     row = {"model": args.model, "target_params": float(args.target_params), "extra": args.extra,
            "wall_seconds": round(wall, 1), "peak_rss_bytes": peak, "stage_seconds": summary["seconds"],
            "params_ratio": summary["params_ratio"], "removed": summary["removed"], "groups": summary["groups"],
            "calib_loss_before_cure": summary["calib_loss_before_cure"], "calib_loss": summary["calib_loss"],
-           "eval": ppl, "plan": {k: plan.get(k) for k in ("removed", "groups", "child_ranks", "child_modes",
+           "eval": ppl, "eval_ood": ppl_ood, "plan": {k: plan.get(k) for k in ("removed", "groups", "child_ranks", "child_modes",
                                                           "adapter_init", "unit", "method", "compensation")}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(row, indent=2) + "\n")
