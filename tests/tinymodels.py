@@ -33,7 +33,7 @@ def make_tokenizer():
 
 
 def tiny_config(kind: str, layers: int = 6):
-    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, GPTNeoXConfig, LlamaConfig, Phi3Config, Qwen2Config
 
     common = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -46,6 +46,11 @@ def tiny_config(kind: str, layers: int = 6):
         return Gemma3TextConfig(**common, head_dim=8, sliding_window=16, query_pre_attn_scalar=8,
                                 layer_types=["sliding_attention" if (i + 1) % 3 else "full_attention"
                                              for i in range(layers)])
+    if kind == "phi3":
+        return Phi3Config(**common, tie_word_embeddings=False)
+    if kind == "gpt_neox":  # biases everywhere, LayerNorms, parallel residual, partial rotary (the defaults)
+        common.pop("num_key_value_heads")
+        return GPTNeoXConfig(**common, tie_word_embeddings=False)
     raise ValueError(kind)
 
 
@@ -76,12 +81,16 @@ def save_tiny(path: Path, kind: str, layers: int = 6, seed: int = 0, zero_layer:
     """Write a tiny model folder; `zero_layer` plants a useless block (zeroed output projections)."""
     import copy
 
+    from foldgpt.adapters import get_adapter
+
     model = copy.deepcopy(model) if model is not None else tiny_model(kind, layers, seed)
     if zero_layer is not None:
-        layer = model.model.layers[zero_layer]
+        adapter = get_adapter(model.config)
+        layer = adapter.layers(model)[zero_layer]
         with torch.no_grad():
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
+            for path in (adapter.attn_out, adapter.mlp_out):
+                for p in layer.get_submodule(path).parameters():
+                    p.zero_()
     model.save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path

@@ -44,9 +44,10 @@ def to_dense(folded: nn.Module) -> nn.Module:
     adapter = get_adapter(folded.config)
     config = folded.config.__class__.from_dict(folded.config.to_dict())
     dense = AutoModelForCausalLM.from_config(config, dtype=next(folded.parameters()).dtype)
+    stack = adapter.layers_path + "."
     state = {}
-    for pos, layer in enumerate(folded.model.layers):
-        prefix = f"model.layers.{pos}."
+    for pos, layer in enumerate(adapter.layers(folded)):
+        prefix = f"{stack}{pos}."
         sub = dict(layer.state_dict())
         for name, mod in layer.named_modules():
             if isinstance(mod, SharedLinear):
@@ -62,18 +63,19 @@ def to_dense(folded: nn.Module) -> nn.Module:
             for k in adapter.attn_gate_keys + adapter.mlp_gate_keys:
                 if k in sub:
                     sub[k] = (g * (off + sub[k].float()) - off).to(sub[k].dtype)
-        for branch, norms, out_proj in ((layout["attn_branch"], layout["attn_norms"], "o_proj"),
-                                        (layout["mlp_branch"], layout["mlp_norms"], "down_proj")):
-            if isinstance(layer.get_submodule(branch), ZeroBranch):
-                ref = dense.model.layers[pos]
-                for k, v in ref.state_dict().items():
-                    if k.startswith(branch + ".") or any(k.startswith(n + ".") for n in norms):
-                        sub[k] = torch.ones_like(v) if any(k.startswith(n + ".") for n in norms) else v
-                zero_key = f"{branch}.{out_proj}.weight"
-                sub[zero_key] = torch.zeros_like(ref.state_dict()[zero_key])
+        for branch, norms, out_proj in ((layout["attn_branch"], layout["attn_norms"], adapter.attn_out),
+                                        (layout["mlp_branch"], layout["mlp_norms"], adapter.mlp_out)):
+            if isinstance(layer.get_submodule(branch), ZeroBranch):  # the base branch, its output projection zero
+                for k, v in adapter.layers(dense)[pos].state_dict().items():
+                    if any(k.startswith(n + ".") for n in norms):
+                        sub[k] = torch.ones_like(v) if k.endswith(".weight") else torch.zeros_like(v)
+                    elif k.startswith(out_proj + "."):
+                        sub[k] = torch.zeros_like(v)
+                    elif k.startswith(branch + "."):
+                        sub[k] = v
         state.update({prefix + k: v for k, v in sub.items()})
     for k, v in folded.state_dict().items():
-        if not k.startswith("model.layers."):
+        if not k.startswith(stack):
             state[k] = v
     missing, unexpected = dense.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
@@ -85,7 +87,7 @@ def to_dense(folded: nn.Module) -> nn.Module:
 
 def export_dense(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write a plain base-architecture checkpoint of the folded model at `src` into `out`."""
-    from .api import atomic_dir
+    from .fileio import atomic_dir
     from .folded import load_folded
 
     folded, tok = load_folded(src)

@@ -4,6 +4,7 @@ This file is copied into every compressed folder, so `AutoModelForCausalLM.from_
 trust_remote_code=True)` works where foldgpt is not installed; foldgpt itself uses the same code.
 
 A folded checkpoint is the base architecture with a *layout* applied:
+- `layers_path`: where the decoder layers sit in the base model (the dotted path of its layer list);
 - `kept`: the original layer that each position comes from (removed layers are gone);
 - `parents`: for each shared position, the position whose Linear modules it runs (the same module
   objects, so one storage), through a `SharedLinear` that may add its own low-rank delta;
@@ -146,12 +147,23 @@ def add_child_gates_(layers: nn.ModuleList, positions: list[int], attn_point: st
             layer.get_submodule(point).register_forward_hook(_branch_gate_hook(layer))
 
 
+def layer_stack(model: nn.Module, layout: dict) -> tuple[nn.Module, str]:
+    """(the module holding the decoder layers, the attribute naming them), from the layout's `layers_path`
+    (layouts that do not record it: the base model's `layers`)."""
+    path = layout.get("layers_path")
+    if path is None:
+        return model.base_model, "layers"
+    owner, _, attr = path.rpartition(".")
+    return model.get_submodule(owner), attr
+
+
 def apply_layout_(model: nn.Module, layout: dict, init_child=None) -> nn.Module:
     """Turn a dense base model (all original layers) into the folded one, in place.
 
     `init_child(view, own_linear, position, path)` may initialise each child's low-rank delta from
     its original weights before they are dropped."""
-    layers = list(model.model.layers)
+    owner, attr = layer_stack(model, layout)
+    layers = list(getattr(owner, attr))
     kept = layout["kept"]
     for pos, parts in layout.get("removed_sublayers", {}).items():
         layer = layers[kept[int(pos)]]
@@ -173,19 +185,19 @@ def apply_layout_(model: nn.Module, layout: dict, init_child=None) -> nn.Module:
             if init_child is not None:
                 init_child(view, own, int(pos), path)
             set_submodule(child, path, view)
-    new_layers = [layers[i] for i in kept]
-    model.model.layers = nn.ModuleList(new_layers)
+    new_layers = nn.ModuleList([layers[i] for i in kept])
+    setattr(owner, attr, new_layers)
     model.config.num_hidden_layers = len(new_layers)
     if getattr(model.config, "layer_types", None) is not None:
         model.config.layer_types = [model.config.layer_types[i] for i in kept]
-    for i, layer in enumerate(new_layers):
-        for mod in (layer, getattr(layer, "self_attn", None)):
+    for i, layer in enumerate(new_layers):  # each position indexes its own KV cache slot
+        for mod in (layer, getattr(layer, layout.get("attn_branch", "self_attn"), None)):
             if mod is not None and hasattr(mod, "layer_idx"):
                 mod.layer_idx = i
     if layout.get("position_gates"):
-        add_position_gates_(model.model.layers)
+        add_position_gates_(new_layers)
     if layout.get("child_gates"):
-        add_child_gates_(model.model.layers, [int(p) for p in layout["child_gates"]], layout["attn_gate_point"],
+        add_child_gates_(new_layers, [int(p) for p in layout["child_gates"]], layout["attn_gate_point"],
                          layout["mlp_gate_point"])
     model.fold_layout = layout
     return model

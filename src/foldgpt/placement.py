@@ -2,21 +2,23 @@
 
 A placement gives every decoder layer one of two homes:
 
-- *resident* on a device (one of several GPUs): its weights are moved there once, and a forward pre-hook moves
-  the layer's inputs (hidden states, masks, rotary embeddings) to that device, so consecutive layers may sit on
-  different GPUs (naive pipeline, as accelerate's `device_map="auto"` does);
+- *resident* on a device (one of several GPUs): its weights move there once, and a forward pre-hook moves the
+  layer's inputs (hidden states, masks, rotary embeddings) there with accelerate's `send_to_device`, so
+  consecutive layers may sit on different GPUs (a naive pipeline);
 - *offloaded*: its weights stay in CPU memory; while the layer runs, every parameter under it is replaced by a
   copy on the execution (main) device and restored afterwards. A trainable parameter's copy is differentiable,
   so its gradient reaches the CPU parameter. With activation checkpointing the copies live only while their
-  layer runs (in the forward, and again when the backward recomputes it), so the device holds about one layer's
-  weights at a time; without it the autograd graph keeps every copy until the backward.
+  layer runs (forward, and the backward's recomputation), so the device holds about one layer's weights at a
+  time; without it the autograd graph keeps every copy until the backward.
 
 Everything outside the decoder layers (embeddings, final norm, output head, rotary tables) sits on the main
-device. Layers that share weights (a FoldGPT group: a parent and the children that borrow its matrices) must
-share a home; `assign_layers` keeps them together, and a student built from a placed dense model follows it
-(`follow`): each student layer goes where the weights it borrows already live, so nothing is copied twice.
-Weights are moved in place (`Module.to` keeps the Parameter objects), so a teacher and a student that share a
-matrix keep sharing it.
+device. Layers that share weights (a fold group) share a home (`assign_layers`), and a student built from a
+placed dense model `follow`s it: each student layer goes where the weights it borrows live, so nothing is copied
+twice. Weights move in place (`Module.to` keeps the Parameter objects), so teacher and student keep sharing.
+
+This is ours rather than accelerate's `device_map` dispatch because the cure trains through offloaded layers
+(accelerate's offload hooks swap weights in for inference; no gradient reaches them) and because its map knows
+nothing of positions that share one matrix.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from __future__ import annotations
 import logging
 import re
 import weakref
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import send_to_device as to_device  # tensors in nested tuples / lists / dicts
 from torch import nn
 
 from .adapters import Adapter
@@ -69,26 +73,16 @@ def _device_name(name) -> str:
 
 
 def layer_groups(shared: list[set[int]]) -> list[list[int]]:
-    """Layers that share any tensor (given each layer's set of tensor ids), as sorted groups (union-find)."""
-    parent = list(range(len(shared)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    owner: dict[int, int] = {}
+    """Layers that share any tensor (given each layer's set of tensor ids), as sorted groups."""
+    groups: list[tuple[set[int], set[int]]] = []  # (layers, the tensor ids they hold)
     for i, ids in enumerate(shared):
-        for t in ids:
-            if t in owner:
-                parent[find(i)] = find(owner[t])
-            else:
-                owner[t] = i
-    groups: dict[int, list[int]] = {}
-    for i in range(len(shared)):
-        groups.setdefault(find(i), []).append(i)
-    return sorted(groups.values())
+        layers, tensors = {i}, set(ids)
+        for g in [g for g in groups if g[1] & tensors]:  # every group this layer touches merges into one
+            layers |= g[0]
+            tensors |= g[1]
+            groups.remove(g)
+        groups.append((layers, tensors))
+    return sorted(sorted(g[0]) for g in groups)
 
 
 def assign_layers(layer_bytes: list[int], capacities: list[tuple[str, int]], groups: list[list[int]] | None = None,
@@ -169,10 +163,8 @@ class Placement:
     homes: list[str]
 
     def describe(self) -> str:
-        counts: dict[str, int] = {}
-        for h in self.homes:
-            counts[h] = counts.get(h, 0) + 1
-        return ", ".join(f"{n} on {h}" if h != OFFLOAD else f"{n} offloaded to CPU" for h, n in counts.items())
+        return ", ".join(f"{n} on {h}" if h != OFFLOAD else f"{n} offloaded to CPU"
+                         for h, n in Counter(self.homes).items())
 
 
 @dataclass
@@ -192,19 +184,6 @@ class _Traffic:
 
     def _freed(self, n: int) -> None:
         self.alive -= n
-
-
-def to_device(v, device):
-    """`v` (a tensor, or tuples / lists / dicts of them; anything else as is) on `device`."""
-    if isinstance(v, torch.Tensor):
-        return v.to(device)
-    if isinstance(v, tuple):
-        return tuple(to_device(x, device) for x in v)
-    if isinstance(v, list):
-        return [to_device(x, device) for x in v]
-    if isinstance(v, dict):
-        return {k: to_device(x, device) for k, x in v.items()}
-    return v
 
 
 def _mark(fn):
@@ -236,9 +215,7 @@ def _layer_pre(module, args, kwargs):
     for mod in module.modules():
         if _is_sharded(mod):  # an FSDP-sharded matrix (--fsdp) gathers itself onto its device
             continue
-        for name, p in list(mod._parameters.items()):
-            if p is None:
-                continue
+        for name, p in [(n, p) for n, p in mod._parameters.items() if p is not None]:
             copy = p.to(device, copy=True) if p.requires_grad else p.detach().to(device, copy=True)
             traffic.track(copy)
             saved.append((mod, name, p))
@@ -302,8 +279,7 @@ def apply(model: nn.Module, adapter: Adapter, placement: Placement) -> _Traffic:
         layer._foldgpt_home, layer._foldgpt_main, layer._foldgpt_traffic = home, main, traffic
         layer.register_forward_pre_hook(_layer_pre, with_kwargs=True)
         layer.register_forward_hook(_layer_post, always_call=True)
-    norm = getattr(model.model, "norm", None)
-    for mod in filter(None, (norm, model.get_output_embeddings())):
+    for mod in filter(None, (adapter.final_norm(model), model.get_output_embeddings())):
         mod.register_forward_pre_hook(_inputs_to(main), with_kwargs=True)
     model._foldgpt_placement = placement
     log.info("placement: %s; the rest on %s", placement.describe(), placement.main)
@@ -320,10 +296,8 @@ def remove(model: nn.Module) -> None:
                 mod._forward_hooks_always_called.pop(k, None)
                 mod._forward_pre_hooks_with_kwargs.pop(k, None)
         for attr in ("_foldgpt_home", "_foldgpt_main", "_foldgpt_traffic", "_foldgpt_swapped"):
-            if attr in mod.__dict__:
-                delattr(mod, attr)
-    if "_foldgpt_placement" in model.__dict__:
-        delattr(model, "_foldgpt_placement")
+            mod.__dict__.pop(attr, None)  # plain attributes, never parameters or submodules
+    model.__dict__.pop("_foldgpt_placement", None)
 
 
 def placement_of(model: nn.Module) -> Placement | None:

@@ -14,19 +14,19 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapters import Adapter
+from .adapters import Adapter, get_adapter
 from .analysis import cosine_matrix_sums
 from .placement import is_placed, placement_of, to_device
 
 
 class _Catcher(nn.Module):
-    def __init__(self, layer: nn.Module, store: list):
+    def __init__(self, layer: nn.Module, store: list, drop: tuple[str, ...]):
         super().__init__()
         self.layer = layer  # kept so attributes such as attention_type stay reachable
-        self.store = store
+        self.store, self.drop = store, drop  # `drop`: the keyword arguments that carry the KV cache
 
     def forward(self, hidden_states, *args, **kwargs):
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+        kwargs = {k: v for k, v in kwargs.items() if k not in self.drop}
         self.store.append((hidden_states.detach(), args, kwargs))
         return hidden_states
 
@@ -37,7 +37,7 @@ def _catchers(model: nn.Module, adapter: Adapter):
     originals = list(layers)
     stores: list[list] = [[] for _ in originals]
     for i, layer in enumerate(originals):
-        layers[i] = _Catcher(layer, stores[i])
+        layers[i] = _Catcher(layer, stores[i], adapter.cache_kwargs)
     try:
         yield stores
     finally:
@@ -49,7 +49,7 @@ def _catchers(model: nn.Module, adapter: Adapter):
 def layer_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> tuple[torch.Tensor, list]:
     """h_0 (the first layer's input) and, for every layer, the (args, kwargs) it is called with."""
     with _catchers(model, adapter) as stores:
-        model.model(input_ids=ids, use_cache=False)
+        adapter.decoder(model)(input_ids=ids, use_cache=False)
     return stores[0][0][0], [(s[0][1], s[0][2]) for s in stores]
 
 
@@ -88,7 +88,7 @@ def streamed_similarity(model: nn.Module, adapter: Adapter, batches: torch.Tenso
 
 def _final_logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """The model's head on the last layer's output: final norm, output embedding, logit soft-capping."""
-    logits = model.get_output_embeddings()(model.model.norm(h))
+    logits = model.get_output_embeddings()(get_adapter(model.config).final_norm(model)(h))
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -115,7 +115,7 @@ class StreamedNLL:
             m.to(self.device)
 
     def _head(self) -> tuple[nn.Module, nn.Module]:
-        return self.model.model.norm, self.model.get_output_embeddings()
+        return self.adapter.final_norm(self.model), self.model.get_output_embeddings()
 
     def close(self) -> None:
         for m, home in zip(self._head(), self._head_home):

@@ -46,6 +46,7 @@ def layout_from_plan(plan: Plan, adapter: Adapter) -> dict:
     pos = {layer: i for i, layer in enumerate(kept)}
     return {
         "num_layers": plan.num_layers,
+        "layers_path": adapter.layers_path,
         "kept": kept,
         "parents": {str(pos[c]): pos[p] for c, p in sorted(plan.parent_of().items())},
         "removed_sublayers": {str(pos[layer]): sorted(parts)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import FoldGPTError
-from . import gemma3, llama
+from . import gemma3, gpt_neox, llama, phi3
 from .base import Adapter
 
 _REGISTRY: dict[str, Adapter] = {}
@@ -14,7 +14,7 @@ def register(adapter: Adapter) -> None:
         _REGISTRY[t] = adapter
 
 
-for _mod in (llama, gemma3):
+for _mod in (llama, gemma3, phi3, gpt_neox):
     register(_mod.ADAPTER)
 
 

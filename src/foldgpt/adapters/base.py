@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 from torch import nn
@@ -23,17 +22,27 @@ LLAMA_LINEARS = (
 class Adapter:
     """Architecture glue for one family of decoder-only models.
 
-    The algorithms only talk to a model through these attributes and methods, so adding a family
-    means adding one small module that instantiates this class (or a subclass).
+    The algorithms only talk to a model through these attributes and methods (never through `model.model`),
+    so adding a family means adding one small module that instantiates this class (or a subclass).
     """
 
     model_types: tuple[str, ...]
+    # the decoder body inside the causal LM (its base model) and, inside the body, the layer stack, the final
+    # norm, the token embeddings and the rotary tables
+    body: str = "model"
+    layers_attr: str = "layers"
+    final_norm_attr: str = "norm"
+    embed_attr: str = "embed_tokens"
+    rotary_attr: str = "rotary_emb"
     linears: tuple[str, ...] = LLAMA_LINEARS
     attn_linears: tuple[str, ...] = LLAMA_LINEARS[:4]
     mlp_linears: tuple[str, ...] = LLAMA_LINEARS[4:]
     # modules whose output is the attention / MLP residual branch (what a sub-block gate scales)
     attn_branch: str = "self_attn"
     mlp_branch: str = "mlp"
+    # the last Linear of each branch (a deleted branch exports as this projection zeroed)
+    attn_out: str = "self_attn.o_proj"
+    mlp_out: str = "mlp.down_proj"
     # modules whose output a sub-block gate scales (the last op of each residual branch)
     attn_gate_point: str = "self_attn"
     mlp_gate_point: str = "mlp"
@@ -45,16 +54,27 @@ class Adapter:
     # norms that belong to the attention / MLP sub-block (removed together with it)
     attn_norms: tuple[str, ...] = ("input_layernorm",)
     mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
+    # keyword arguments through which the body hands its KV cache to a layer
+    cache_kwargs: tuple[str, ...] = ("cache", "past_key_values")
     # the model expects BOS at the start of every sequence
     needs_bos: bool = False
 
     # ---- structure -------------------------------------------------------------------------
+    @property
+    def layers_path(self) -> str:
+        """Dotted path of the layer stack from the causal LM (the prefix of the layers' state-dict keys)."""
+        return f"{self.body}.{self.layers_attr}"
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The decoder body (embeddings, layers, final norm): called like the LM, returns the last hidden state."""
+        return getattr(model, self.body)
+
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
+        return getattr(self.decoder(model), self.layers_attr)
 
     def set_layers(self, model: nn.Module, layers: list[nn.Module], kinds: list[str] | None) -> None:
         """Install `layers` as the model's decoder stack and update config and layer indices."""
-        model.model.layers = nn.ModuleList(layers)
+        setattr(self.decoder(model), self.layers_attr, nn.ModuleList(layers))
         model.config.num_hidden_layers = len(layers)
         if kinds is not None and getattr(model.config, "layer_types", None) is not None:
             model.config.layer_types = list(kinds)
@@ -75,19 +95,16 @@ class Adapter:
             return ["full_attention"] * config.num_hidden_layers
         return list(types)[: config.num_hidden_layers]
 
-    def layer_class(self, model: nn.Module) -> type:
-        module = sys.modules[type(model).__module__]
-        names = [n for n in dir(module) if n.endswith("DecoderLayer")]
-        if len(names) != 1:
-            raise RuntimeError(f"cannot identify the decoder layer class in {module.__name__}: {names}")
-        return getattr(module, names[0])
-
     def norms(self, layer: nn.Module) -> list[str]:
         """Names of the layer's own normalisation modules (kept per position when folded)."""
         return [n for n, m in layer.named_modules() if n and "norm" in type(m).__name__.lower()]
 
     def final_norm(self, model: nn.Module) -> nn.Module:
-        return model.model.norm
+        return getattr(self.decoder(model), self.final_norm_attr)
 
     def embed_tokens(self, model: nn.Module) -> nn.Module:
-        return model.model.embed_tokens
+        return getattr(self.decoder(model), self.embed_attr)
+
+    def rotary_emb(self, model: nn.Module) -> nn.Module | None:
+        """The body's shared rotary tables (None where the family has none)."""
+        return getattr(self.decoder(model), self.rotary_attr, None)

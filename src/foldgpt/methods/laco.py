@@ -48,8 +48,8 @@ I = 2  # noqa: E741  minimum distance between merge heads (spans never overlap i
 CALIB_WINDOWS = 8  # a few calibration sentences
 
 
-def _final_hidden(model, ids: torch.Tensor, skip_first: bool) -> torch.Tensor:
-    h = model.model(input_ids=ids, use_cache=False).last_hidden_state.float()
+def _final_hidden(model, adapter, ids: torch.Tensor, skip_first: bool) -> torch.Tensor:
+    h = adapter.decoder(model)(input_ids=ids, use_cache=False).last_hidden_state.float()
     return h[:, 1:] if skip_first else h
 
 
@@ -62,7 +62,7 @@ def laco(ctx: Context, span: int = C, threshold: float = T, interval: int = I, n
     n, goal = ctx.num_layers, ctx.budget.n_remove
     prot = ctx.protected()
     ids = ctx.calib[:n_windows]
-    dense = _final_hidden(ctx.model, ids, ctx.bos)
+    dense = _final_hidden(ctx.model, ctx.adapter, ids, ctx.bos)
     cache: dict[tuple, float] = {}
 
     def similarity(merges: list[list[int]]) -> float:
@@ -71,7 +71,8 @@ def laco(ctx: Context, span: int = C, threshold: float = T, interval: int = I, n
             plan = ctx.new_plan([str(i) for m in merges for i in m[1:]], [], method="laco", merges=merges)
             trial = clone_sharing_weights(ctx.model)
             apply_plan_(trial, plan, ctx.adapter)
-            cache[key] = F.cosine_similarity(_final_hidden(trial, ids, ctx.bos), dense, dim=-1).mean().item()
+            h = _final_hidden(trial, ctx.adapter, ids, ctx.bos)
+            cache[key] = F.cosine_similarity(h, dense, dim=-1).mean().item()
             del trial
         return cache[key]
 
