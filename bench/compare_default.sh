@@ -30,6 +30,10 @@ declare -A ARGS=(
   [sleb_replaceme_s0]="--method sleb --plan ${P}_sleb.json --compensate replaceme --cure --cure-seed 0"
   [foldgpt_noalpha_s0]="--no-alpha --cure-seed 0"
   [foldgpt_nocure]="--no-cure"
+  [foldgpt_compensate_s0]="--compensate replaceme --cure-seed 0"
+  [foldgpt_r0125_s0]="--child-fractions 0.125 --cure-seed 0"
+  [foldgpt_r025_s0]="--child-fractions 0.25 --cure-seed 0"
+  [foldgpt_greedy_s0]="--ranking greedy --cure-seed 0"
 )
 ORDER=${ROWS:-"foldgpt_s0 sleb_s0 replaceme_s0 foldgpt_s1 sleb_s1 blockpruner_s0 replaceme_nocure foldgpt_nocure sleb_replaceme_s0 foldgpt_noalpha_s0"}
 for row in $ORDER; do

@@ -5,6 +5,12 @@ the cure, to see how well it predicts the cured result.
     python bench/plan_nll.py smollm2-135m P/part3/results.json:foldgpt P/part5/results.json:blockpruner \
         --json bench/results/plan_nll_smollm2-135m.json
 
+With `--proxy`, each plan is also scored by the default search's cheap score (cross-entropy over the dense
+model's top-k tokens plus the target, on the search's first `fold.search_windows` windows), and every pair of
+plans at one target says whether the proxy orders them as the exact NLL on the reference windows does:
+
+    python bench/plan_nll.py smollm2-135m ... --proxy --json bench/results/plan_proxy_smollm2-135m.json
+
 Each SOURCE is a results.json (or OUT.rows.jsonl) with the methods to take after the colon (every target, the cured
 row where there is one). The plan is rebuilt from the row (removed units, groups, child gates at their start
 values) and scored on the windows the greedy searches use (the first 4 x cost_batch calibration windows of the
@@ -30,6 +36,7 @@ def main(argv=None) -> None:
     p.add_argument("sources", nargs="+", help="SOURCE:METHOD,METHOD...")
     p.add_argument("--data", default=os.environ.get("SHARED_DATA", "../shared/data"))
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--proxy", action="store_true", help="also score each plan by the search's top-k proxy")
     a = p.parse_args(argv)
 
     import torch
@@ -46,8 +53,15 @@ def main(argv=None) -> None:
     base = CompressConfig()
     session = prepare(a.model, text, base)
     ids = session.calib[: base.fold.cost_batch * 4]
+    proxy_ids = session.calib[: base.fold.search_windows]
     with torch.no_grad():
         dense = calibration_nll(session.dense, ids)
+        cand = None
+        if a.proxy:  # the teacher's top-k tokens on the search's windows, the target first
+            logits = session.dense(input_ids=proxy_ids, use_cache=False).logits[:, :-1].float()
+            target = proxy_ids[:, 1:]
+            top = logits.topk(base.fold.topk, dim=-1).indices
+            cand, dup = torch.cat([target[..., None], top], dim=-1), top == target[..., None]
     print(f"{'dense':32s}      calibration NLL {dense:.4f}", flush=True)
     out = [{"method": "dense", "calibration_nll": dense}]
     for spec in a.sources:
@@ -70,10 +84,12 @@ def main(argv=None) -> None:
                 apply_plan_(student, plan, session.adapter)
                 with torch.no_grad():
                     nll = calibration_nll(student, ids)
+                    proxy = topk_loss(student, proxy_ids, cand, dup) if cand is not None else None
                 cured = [x for x in rows if x["method"] == name and x["target"] == target and x["cure"]]
                 ppl = next(iter(cured[0]["perplexity"].values())) if cured else None
                 out.append({"method": name, "target": target, "unit": plan.unit, "params_ratio": r["params_ratio"],
-                            "calibration_nll": nll, "nll_rise": nll - dense, "cured_perplexity": ppl})
+                            "calibration_nll": nll, "nll_rise": nll - dense, "cured_perplexity": ppl,
+                            **({"proxy": proxy} if proxy is not None else {})})
                 print(f"{name:32s} {target:.2f} {plan.unit:8s} params {r['params_ratio']:.3f}  "
                       f"calibration NLL {nll:.4f} (rise {nll - dense:.4f})  "
                       f"cured PPL {ppl if ppl is None else round(ppl, 2)}", flush=True)
@@ -83,8 +99,43 @@ def main(argv=None) -> None:
     for q in pairs:
         print(f"  {q['ratio']:.2f}  {q['target']:.2f}  {q['lower']} ({q['lower_ppl']:.2f}) vs {q['higher']} "
               f"({q['higher_ppl']:.2f}): {'yes' if q['agrees'] else 'NO'}")
+    result = {"rows": out, "pairs": pairs}
+    if a.proxy:
+        result["proxy_pairs"] = proxy_agreement([r for r in out if "proxy" in r])
+        q = result["proxy_pairs"]
+        print(f"\nthe search's proxy orders {sum(x['agrees'] for x in q)} of {len(q)} pairs of plans at one target as "
+              "the exact calibration NLL does")
+        for x in q:
+            if not x["agrees"]:
+                print(f"  disagrees: {x['target']:.2f} {x['a']} vs {x['b']} (NLL {x['nll'][0]:.4f} / {x['nll'][1]:.4f}, "
+                      f"proxy {x['proxy'][0]:.4f} / {x['proxy'][1]:.4f})")
     if a.json:
-        write_json_atomic(Path(a.json), {"rows": out, "pairs": pairs})
+        write_json_atomic(Path(a.json), result)
+
+
+def topk_loss(model, ids, cand, dup) -> float:
+    """The search's `topk` score of `model`: cross-entropy over the teacher's top-k tokens plus the target (the
+    target first; a top-k token equal to the target is masked), from the model's logits at those tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    picked = logits.gather(-1, cand)
+    picked[..., 1:] = picked[..., 1:].masked_fill(dup, float("-inf"))
+    zeros = torch.zeros(picked.shape[:-1], dtype=torch.long)
+    return F.cross_entropy(picked.flatten(0, 1), zeros.flatten()).item()
+
+
+def proxy_agreement(rows: list[dict]) -> list[dict]:
+    """Every pair of plans at one target: does the proxy order them as the exact calibration NLL does?"""
+    pairs = []
+    for i, x in enumerate(rows):
+        for y in rows[i + 1:]:
+            if x["target"] == y["target"]:
+                pairs.append({"target": x["target"], "a": x["method"], "b": y["method"],
+                              "nll": [x["calibration_nll"], y["calibration_nll"]], "proxy": [x["proxy"], y["proxy"]],
+                              "agrees": (x["calibration_nll"] < y["calibration_nll"]) == (x["proxy"] < y["proxy"])})
+    return pairs
 
 
 def agreement(rows: list[dict]) -> list[dict]:
