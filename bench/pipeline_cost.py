@@ -69,9 +69,9 @@ def main(argv=None) -> dict:
 
     from foldgpt.adapters import get_adapter
     from foldgpt.analysis import analysis_dict, similarity
-    from foldgpt.api import Session, run_method
     from foldgpt.config import CompressConfig, CureConfig, GateConfig
     from foldgpt.data import Corpus, _builtin_text, calibration_batches, tokenize
+    from foldgpt.pipeline import Session, run_method
     from foldgpt.placement import apply as place
     from foldgpt.placement import plan as plan_placement
 

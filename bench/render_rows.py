@@ -16,7 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from foldgpt.bench import _plots, results_markdown
+from foldgpt.bench import results_markdown
+from foldgpt.report import write_bench_figures
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
     commands = list({json.dumps(r["command"], sort_keys=True): r["command"] for r in recs if r["command"]}.values())
     (out / "commands.json").write_text(json.dumps(commands, indent=2))
     (out / "results.md").write_text(results_markdown(rows, model))
-    _plots(rows, out)
+    write_bench_figures(rows, out)
     print((out / "results.md").read_text())
 
 

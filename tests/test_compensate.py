@@ -10,7 +10,6 @@ from test_peers import session as _peer_session
 
 import foldgpt
 from foldgpt.adapters import get_adapter
-from foldgpt.api import calibration_loss
 from foldgpt.budget import plan_budget
 from foldgpt.compensate import (
     CutStats,
@@ -23,6 +22,7 @@ from foldgpt.compensate import (
     solve_linearpatch,
 )
 from foldgpt.methods import METHODS, Context, get_method, make_plan
+from foldgpt.pipeline import calibration_loss
 from foldgpt.plan import COMPENSATION_VERSION, Plan
 from foldgpt.structure import apply_plan_, unique_params
 from foldgpt.weights import clone_sharing_weights

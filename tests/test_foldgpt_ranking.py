@@ -31,7 +31,7 @@ def test_greedy_foldgpt_folds_back_removed_layers_with_measured_gates(tiny_dirs,
     b = ctx.budget
     assert b.n_fold >= 1
     plan = get_method("foldgpt").run(ctx)
-    order = ctx.info["ranking"]["order"]
+    order = ctx.info.ranking["order"]
     children = {c: g[0] for g in plan.groups for c in g[1:]}
     assert len(order) == b.n_remove + b.n_fold
     # deleted layers and children are exactly the greedy ranking's removals; parents are kept layers
@@ -39,7 +39,7 @@ def test_greedy_foldgpt_folds_back_removed_layers_with_measured_gates(tiny_dirs,
     assert len(children) == b.n_fold and not set(children.values()) & set(order)
     # every child's gate is the measured best of the grid (or 0 = deletion), never worse than deleting it
     for c, p in children.items():
-        found = ctx.info["child_search"][f"{p}->{c}"]
+        found = ctx.info.child_search[f"{p}->{c}"]
         assert plan.child_gates[str(c)] == found["gate"] in (0.0, *CHILD_GATE_GRID)
         assert found["nll"] <= found["nll_deleted"]
     student = applied(ctx, plan)
@@ -59,7 +59,7 @@ def test_greedy_ranking_equals_sleb_at_the_same_depth(tiny_dirs, text_file):
     sctx.budget.n_remove = total
     greedy_mod._MEMO.clear()
     sleb = get_method("sleb").run(sctx)
-    assert sorted(int(u) for u in sleb.removed) == sorted(ctx.info["ranking"]["order"])
+    assert sorted(int(u) for u in sleb.removed) == sorted(ctx.info.ranking["order"])
 
 
 def test_greedy_search_is_reused_and_continued(tiny_dirs, text_file, monkeypatch):
@@ -78,7 +78,7 @@ def test_greedy_search_is_reused_and_continued(tiny_dirs, text_file, monkeypatch
     one, nll1 = greedy_mod.greedy_removal(ctx, "layer", costs, 1, "t")  # a prefix: no search
     three, _ = greedy_mod.greedy_removal(ctx, "layer", costs, 3, "t")  # continues from the two steps
     assert calls == [0, 2]
-    assert ctx.info["reused_search_seconds"] > 0  # a reuse reports what the search cost when it ran
+    assert ctx.info.reused_search_seconds > 0  # a reuse reports what the search cost when it ran
     assert one == two[:1] and nll1 == nll2[:1] and three[:2] == two
     greedy_mod._MEMO.clear()
     fresh, _ = greedy_mod.greedy_removal(ctx, "layer", costs, 3, "t")
@@ -158,7 +158,7 @@ def test_greedy_sublayer_ranking_is_blockpruners_search_plus_whole_layer_childre
     assert b.n_fold >= 1
     plan = get_method("foldgpt").run(ctx)
     assert plan.unit == "sublayer"
-    order = ctx.info["ranking"]["order"]
+    order = ctx.info.ranking["order"]
     bctx = make_ctx(tiny_dirs[kind], text_file, "blockpruner", target=0.5)
     greedy_mod._MEMO.clear()
     bp = get_method("blockpruner").run(bctx).scores
@@ -168,7 +168,7 @@ def test_greedy_sublayer_ranking_is_blockpruners_search_plus_whole_layer_childre
     partial = plan.removed_sublayers()
     for c, p in children.items():  # a child is a whole layer the search removed; its parent a whole kept layer
         assert {f"{c}.attn", f"{c}.mlp"} <= set(order) and p not in partial and p not in plan.removed_layers()
-        found = ctx.info["child_search"][f"{p}->{c}"]
+        found = ctx.info.child_search[f"{p}->{c}"]
         assert plan.child_gates[str(c)] == found["gate"] and found["nll"] <= found["nll_deleted"]
     # every removed sub-block is either deleted or (as part of a whole layer) folded back
     halves = ("attn", "mlp")
@@ -196,7 +196,7 @@ def test_auto_unit_folds_sub_blocks_only_when_their_nll_rise_is_clearly_smaller(
     ctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, gate=foldgpt.GateConfig(unit="auto"))
     assert foldgpt.CompressConfig().gate.unit == "auto"  # the default
     plan = get_method("foldgpt").run(ctx)
-    choice = ctx.info["unit_choice"]
+    choice = ctx.info.unit_choice
     ends, dense = choice["end_nll"], choice["dense_nll"]
     assert dense == pytest.approx(greedy_mod.calibration_nll(ctx.model, ctx.calib[: ctx.cfg.fold.cost_batch * 4]))
     ratio = (ends["sublayer"] - dense) / (ends["layer"] - dense)
@@ -207,7 +207,7 @@ def test_auto_unit_folds_sub_blocks_only_when_their_nll_rise_is_clearly_smaller(
         greedy_mod._MEMO.clear()
         uctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, gate=foldgpt.GateConfig(unit=unit))
         alone = get_method("foldgpt").run(uctx)
-        assert uctx.info["ranking"]["nll"][-1] == pytest.approx(ends[unit])  # each search as it runs alone
+        assert uctx.info.ranking["nll"][-1] == pytest.approx(ends[unit])  # each search as it runs alone
         plans[unit] = (alone.removed, alone.groups, alone.child_gates)
     assert (plan.removed, plan.groups, plan.child_gates) == plans[plan.unit]
     # either way round the threshold, the plan is the chosen unit's (both searches now come from the memo)
@@ -220,7 +220,7 @@ def test_auto_unit_folds_sub_blocks_only_when_their_nll_rise_is_clearly_smaller(
     rctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, gate=foldgpt.GateConfig(unit="auto"))
     get_method("foldgpt").run(rctx)
     clocks = [v[3][-1] for v in greedy_mod._MEMO.values()]  # each search's seconds when it ran
-    assert len(clocks) == 2 and rctx.info["reused_search_seconds"] == pytest.approx(sum(clocks))
+    assert len(clocks) == 2 and rctx.info.reused_search_seconds == pytest.approx(sum(clocks))
 
 
 def test_compress_records_the_auto_units_choice(tiny_dirs, text_file, tmp_path):
@@ -237,7 +237,7 @@ def test_auto_unit_ranks_layers_without_a_target(tiny_dirs, text_file):
     ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=None, remove_rate=0.25,
                    gate=foldgpt.GateConfig(unit="auto"))
     plan = get_method("foldgpt").run(ctx)
-    assert plan.unit == "layer" and ctx.info["ranking"]["unit"] == "layer" and "unit_choice" not in ctx.info
+    assert plan.unit == "layer" and ctx.info.ranking["unit"] == "layer" and ctx.info.unit_choice is None
 
 
 def test_compress_reports_child_gates_before_and_after_the_cure(tiny_dirs, text_file, tmp_path):

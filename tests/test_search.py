@@ -85,7 +85,7 @@ def test_search_lands_on_the_target_and_the_plan_rebuilds_the_same_model(tiny_di
     plan = foldgpt.methods.get_method("foldgpt").run(ctx)
     after = ctx.model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # restored
-    steps = ctx.info["search"]["steps"]
+    steps = ctx.info.search["steps"]
     assert steps and all(b["loss"] >= 0 for b in steps)
     assert plan.adapter_init == "fit" and plan.unit == "action"
     student = clone_sharing_weights(ctx.model)
@@ -109,7 +109,7 @@ def test_lazy_search_starts_like_the_exact_search(tiny_dirs, text_file):
     exact.cfg.fold.rescore = 0
     foldgpt.methods.get_method("foldgpt").run(lazy)
     foldgpt.methods.get_method("foldgpt").run(exact)
-    a, b = lazy.info["search"]["steps"], exact.info["search"]["steps"]
+    a, b = lazy.info.search["steps"], exact.info.search["steps"]
     assert a[0]["layer"] == b[0]["layer"] and a[0]["state"] == b[0]["state"]
     assert sum(s["scored"] for s in a) < sum(s["scored"] for s in b)
 

@@ -20,14 +20,15 @@ from pathlib import Path
 
 import torch
 
-from .api import atomic_dir, prepare, run_method
 from .config import CompressConfig
 from .data import load_text, tokenize
 from .errors import FoldGPTError
 from .evaluate import perplexity
+from .fileio import atomic_dir, write_json_atomic
 from .methods import METHODS, get_method, greedy, make_plan
-from .plan import Plan, write_json_atomic
-from .report import fmt_int, markdown_table, plot_xy, ppl
+from .pipeline import prepare, run_method
+from .plan import Plan
+from .report import fmt_int, markdown_table, ppl, write_bench_figures
 from .structure import flops_per_token, unique_params
 
 log = logging.getLogger(__name__)
@@ -226,10 +227,10 @@ def _run_row(session, ledger: _Ledger, name: str, target: float, do_cure: bool, 
     run = run_method(session, cfg, plan)
     # a greedy search reused from an earlier row counts in this row's compression time too
     seconds = (None if plan_seconds is None  # a plan rebuilt from an old row: its time is unknown
-               else time.perf_counter() - t + plan_seconds + run.info.get("reused_search_seconds", 0.0))
+               else time.perf_counter() - t + plan_seconds + run.info.reused_search_seconds)
     if plan is None:
         ledger.plans[key] = (run.plan, run.summary["seconds"].get("Planning", 0.0)
-                             + run.info.get("reused_search_seconds", 0.0))
+                             + run.info.reused_search_seconds)
     t = time.perf_counter()
     ev = evaluate(run.student)
     dense_flops = flops_per_token(session.dense, session.adapter, eval_seq_len)
@@ -301,7 +302,7 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
             write_json_atomic(tmp / "results.json", rows)
             write_json_atomic(tmp / "command.json", command)
             (tmp / "results.md").write_text(results_markdown(rows, model))
-            _plots(rows, tmp)
+            write_bench_figures(rows, tmp)
         ledger.path.unlink(missing_ok=True)
         shutil.rmtree(search_dir, ignore_errors=True)
     return rows
@@ -328,15 +329,22 @@ def results_markdown(rows: list[dict], model: str) -> str:
     return f"# foldgpt bench: {model}\n\n" + markdown_table(headers, body) + "\n"
 
 
-def _plots(rows: list[dict], folder: Path) -> None:
-    name = next(iter(rows[0]["perplexity"]))
-    series: dict[str, list] = {}
-    acc: dict[str, list] = {}
-    for r in rows:
-        label = r["method"] + (" + cure" if r["cure"] and not r["method"].startswith("foldgpt") else "")
-        series.setdefault(label, []).append((r["unique_params"] / 1e6, r["perplexity"][name]))
-        if r["tasks"]:
-            acc.setdefault(label, []).append((r["unique_params"] / 1e6, sum(r["tasks"].values()) / len(r["tasks"])))
-    plot_xy(series, folder / "perplexity_vs_params.png", "unique parameters (M)", f"perplexity ({name})", logy=True)
-    if acc:
-        plot_xy(acc, folder / "accuracy_vs_params.png", "unique parameters (M)", "mean task accuracy")
+def render(folder: str | Path) -> None:
+    """Redraw a finished bench's plots from its results.json (`python -m foldgpt.bench render DIR`)."""
+    folder = Path(folder)
+    try:
+        rows = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError):
+        raise FoldGPTError(f"{folder} holds no readable results.json of a bench") from None
+    write_bench_figures(rows, folder)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "render":
+        sys.exit("usage: python -m foldgpt.bench render DIR  (redraws DIR's plots from its results.json)")
+    try:
+        render(sys.argv[2])
+    except FoldGPTError as exc:
+        sys.exit(f"foldgpt: error: {exc}")

@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             with _distributed(args):
                 return _compress(args)
         if args.cmd == "eval":
-            from .api import eval_table, evaluate
+            from .api import evaluate
+            from .report import eval_table
 
             rows = evaluate(args.models, args.text, args.seq_len, args.max_tokens, args.json, args.batch_size,
                             [t for t in args.tasks.split(",") if t], args.task_limit, args.cloze,
@@ -324,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {export_dense(args.model_dir, args.dense, args.overwrite)}")
             return 0
         if args.cmd == "info":
-            from .api import info, info_text
+            from .api import info
+            from .report import info_text
 
             data = info(args.model_dir)
             print(json.dumps(data, indent=2) if args.json else info_text(data))

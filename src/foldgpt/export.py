@@ -87,7 +87,7 @@ def to_dense(folded: nn.Module) -> nn.Module:
 
 def export_dense(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write a plain base-architecture checkpoint of the folded model at `src` into `out`."""
-    from .api import atomic_dir
+    from .fileio import atomic_dir
     from .folded import load_folded
 
     folded, tok = load_folded(src)

@@ -7,14 +7,13 @@ import importlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import FoldGPTError
+from .fileio import staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +83,10 @@ def _gguf_to_safetensors(gguf_path: Path, cache: Path | None) -> Path:
     # save_pretrained refuses GGUF-loaded models: rebuild a plain model and copy the weights in
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
+    with staging_dir(root) as tmp:
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

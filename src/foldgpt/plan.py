@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import FoldGPTError
+from .fileio import write_json_atomic
 
 PLAN_VERSION = 5  # the newest format this foldgpt reads
 MERGES_VERSION = 2  # plans with LaCo merges need at least this version (older foldgpt would drop them)
@@ -185,12 +184,3 @@ class Plan:
             raise FoldGPTError(f"plan file not found: {path}") from None
         except (ValueError, TypeError) as exc:
             raise FoldGPTError(f"{path} is not a valid foldgpt plan: {exc}") from None
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)

@@ -16,6 +16,25 @@ from ..plan import Plan
 
 
 @dataclass
+class MethodInfo:
+    """What a method records beside its plan: diagnostics for people and tests, and the few values the pipeline
+    reads (the gate history for gate_training.png, `--unit auto`'s choice for the plan's provenance, the time of
+    reused greedy searches for bench). None: the method did not run that step."""
+
+    gate_history: list[dict] = field(default_factory=list)  # gate training, one record per step ({"kl": ...})
+    ranking: dict | None = None  # foldgpt's greedy ranking: {"unit", "order", "nll"}
+    child_search: dict | None = None  # "parent->child": {"nll", "gate", "nll_deleted"}
+    fold_costs: dict | None = None  # "parent->child": measured cost of folding (the gates ranking)
+    unit_choice: dict | None = None  # --unit auto: {"chosen", "dense_nll", "end_nll", "rise_ratio"}
+    search: dict | None = None  # foldgpt's search: {"ranks", "loss_dense", "steps", "final_ranks"}
+    sleb: dict | None = None  # {"order", "nll"}
+    blockpruner: dict | None = None  # {"order", "nll", "saved_params", "needed_params"}
+    laco: dict | None = None  # thresholds tried and merges accepted (laco.py)
+    compensation: list[dict] | None = None  # one record per compensated span (compensate.apply_compensation_)
+    reused_search_seconds: float = 0.0  # what greedy searches reused from earlier runs cost when they ran
+
+
+@dataclass
 class Context:
     """What every method gets: the dense model, its calibration tokens and the budget."""
 
@@ -26,7 +45,7 @@ class Context:
     budget: Budget
     bos: bool
     similarity: torch.Tensor | None = None  # (L+1, L+1) mean cosine, from the analysis
-    info: dict = field(default_factory=dict)  # what the method wants in the summary (gate history...)
+    info: MethodInfo = field(default_factory=MethodInfo)  # what the method records beside its plan
     fits: object | None = None  # fit.ChildFits of the dense model, built on first use (child_fits)
 
     @property

@@ -55,8 +55,8 @@ def run(ctx: Context, whole_forward: bool = False) -> Plan:
     need = (b.base_params - b.target_params) if b.target_params is not None else b.n_remove * b.block_params
     removed, nlls = greedy_removal(ctx, "sublayer", costs, need, "BlockPruner", whole_forward)
     saved = sum(costs[i] for i in removed)
-    ctx.info["blockpruner"] = {"order": [names[i] for i in removed], "nll": nlls, "saved_params": saved,
-                               "needed_params": need}
+    ctx.info.blockpruner = {"order": [names[i] for i in removed], "nll": nlls, "saved_params": saved,
+                            "needed_params": need}
     return ctx.new_plan(units_to_plan([names[i] for i in removed]), [], method="blockpruner",
                         scores={names[i]: k for k, i in enumerate(removed)})
 

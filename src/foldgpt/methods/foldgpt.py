@@ -51,7 +51,7 @@ def gated_removal(ctx: Context) -> tuple[list[str], dict]:
         return [], {}
     result = train_gates(ctx.model, ctx.adapter, ctx.calib, n * ctx.budget.block_params, ctx.cfg.gate,
                          seed=ctx.cfg.seed, protected=ctx.protected())
-    ctx.info["gate_history"] = result.history
+    ctx.info.gate_history = result.history
     removed = [result.names[i] for i in result.removed]
     return removed, dict(zip(result.names, result.gates))
 
@@ -76,7 +76,7 @@ def choose_groups(ctx: Context, removed: list[str]) -> list[list[int]]:
     costs = fold_costs(pruned, ctx.adapter, probe.kept_layers(), kinds, cfg.fold.group_size, teacher, ids, paths,
                        foldable=kept)
     del pruned
-    ctx.info["fold_costs"] = {f"{p}->{c}": v for (p, c), v in costs.items()}
+    ctx.info.fold_costs = {f"{p}->{c}": v for (p, c), v in costs.items()}
     return select_groups(kept, kinds, cfg.fold.group_size, n_fold, costs)
 
 
@@ -152,7 +152,7 @@ def layer_search(ctx: Context) -> tuple[list[int], list[float]]:
 def fold_layers(ctx: Context, order: list[int], nlls: list[float]) -> tuple[list[str], list[list[int]], dict]:
     """The n_fold layers of the layer search whose folding onto a neighbour helps most come back as children.
     Returns (removed units, groups, child gate values)."""
-    ctx.info["ranking"] = {"unit": "layer", "order": order, "nll": nlls}
+    ctx.info.ranking = {"unit": "layer", "order": order, "nll": nlls}
     if ctx.budget.n_fold == 0 or not order:
         return [str(i) for i in sorted(order)], [], {}
     gone = set(order)
@@ -177,8 +177,8 @@ def fold_back(ctx: Context, gone: set[int], kept: list[int], n_fold: int,
              if shape_mismatch(layers[c], layers[p], paths) is None]
     # without child gates a child runs at full weight, so that is the value its choice is measured at
     found = child_search(ctx, gone, pairs, CHILD_GATE_GRID if ctx.cfg.fold.child_gates else (1.0,), gone_sublayers)
-    ctx.info["child_search"] = {f"{p}->{c}": {"nll": v[0], "gate": v[1], "nll_deleted": v[2]}
-                                for (p, c), v in found.items()}
+    ctx.info.child_search = {f"{p}->{c}": {"nll": v[0], "gate": v[1], "nll_deleted": v[2]}
+                             for (p, c), v in found.items()}
     return pick_children(ctx, found, kept, kinds, n_fold)
 
 
@@ -235,7 +235,7 @@ def fold_sublayers(ctx: Context, order: list[int], nlls: list[float]) -> tuple[l
     from .blockpruner import units_to_plan
 
     names = unit_names(ctx.num_layers, "sublayer")
-    ctx.info["ranking"] = {"unit": "sublayer", "order": [names[u] for u in order], "nll": nlls}
+    ctx.info.ranking = {"unit": "sublayer", "order": [names[u] for u in order], "nll": nlls}
     removed_units = units_to_plan([names[u] for u in order])
     gone = {u // 2 for u in order if u ^ 1 in order}  # layers that lost both sub-blocks
     half = {u for u in order if u // 2 not in gone}  # sub-blocks removed from layers that keep the other one
@@ -272,8 +272,8 @@ def greedy_fold_auto(ctx: Context) -> tuple[str, tuple[list[str], list[list[int]
     rise = {"layer": layers[1][-1] - dense, "sublayer": subs[1][-1] - dense}
     ratio = rise["sublayer"] / rise["layer"] if rise["layer"] > 0 else float("inf")
     unit = "sublayer" if ratio <= AUTO_SUBLAYER_RISE else "layer"
-    ctx.info["unit_choice"] = {"chosen": unit, "dense_nll": dense, "end_nll": {"layer": layers[1][-1],
-                               "sublayer": subs[1][-1]}, "rise_ratio": ratio}
+    ctx.info.unit_choice = {"chosen": unit, "dense_nll": dense, "end_nll": {"layer": layers[1][-1],
+                            "sublayer": subs[1][-1]}, "rise_ratio": ratio}
     log.info("--unit auto: calibration NLL %.4f dense, %.4f after the layer search, %.4f after the sub-block search "
              "(rise ratio %.2f; sub-blocks need <= %.2f): folding %ss", dense, layers[1][-1], subs[1][-1], ratio,
              AUTO_SUBLAYER_RISE, unit)
@@ -311,8 +311,8 @@ def search_fold(ctx: Context) -> Plan:
     states = spend_slack(found.states, costs, target - used - reserve)
     parts = plan_parts(states, fits, ctx.adapter.layer_kinds(ctx.model.config), cfg.fold.alpha,
                        cfg.fold.alpha_margin)
-    ctx.info["search"] = {"ranks": found.ranks, "loss_dense": found.loss_dense, "steps": found.steps,
-                          "final_ranks": parts["child_ranks"]}
+    ctx.info.search = {"ranks": found.ranks, "loss_dense": found.loss_dense, "steps": found.steps,
+                       "final_ranks": parts["child_ranks"]}
     log.info("search: removing %s; children %s (ranks %s)", parts["removed"], parts["groups"], parts["child_ranks"])
     return ctx.new_plan(parts["removed"], parts["groups"], method="foldgpt", unit="action", adapter_init="fit",
                         adapter_rank=0, child_ranks=parts["child_ranks"], child_modes=parts["child_modes"],

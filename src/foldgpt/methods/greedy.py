@@ -91,7 +91,7 @@ def _disk_save(name: str, order: list[int], nlls: list[float], seconds: list[flo
 
 def _add_reused(ctx: Context, seconds: float) -> None:
     """Count the seconds a reused search cost when it ran into the run's time (a run may reuse two searches)."""
-    ctx.info["reused_search_seconds"] = ctx.info.get("reused_search_seconds", 0.0) + seconds
+    ctx.info.reused_search_seconds += seconds
 
 
 def _memo_key(ctx: Context, unit: str, costs: list[float], ids: torch.Tensor) -> tuple:

@@ -24,7 +24,7 @@ Choices (no configuration fields exist for LaCo, so they are module constants):
 If a walk ends short of the budget (the threshold rejected too much), T is lowered to just below the
 highest similarity the walk rejected -- the largest threshold at which the walk changes -- and the walk
 is repeated (trials are cached); so the method always hits the exact budget. Every threshold tried, the
-final one and each accepted merge's similarity are recorded in the plan's scores and in ctx.info.
+final one and each accepted merge's similarity are recorded in the plan's scores and in ctx.info.laco.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def laco(ctx: Context, span: int = C, threshold: float = T, interval: int = I, n
 
 def run(ctx: Context) -> Plan:
     merges, record = laco(ctx)
-    ctx.info["laco"] = record
+    ctx.info.laco = record
     scores = {f"merge {m[0]}-{m[-1]}": s for m, s in zip(merges, record["similarity"])}
     scores.update({"threshold": record["T"], "threshold_used": record["threshold_used"]})
     removed = sorted(i for m in merges for i in m[1:])

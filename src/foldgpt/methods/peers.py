@@ -42,7 +42,7 @@ def run_sleb(ctx: Context, whole_forward: bool = False) -> Plan:
     """SLEB (Song et al. 2024): iteratively remove the layer whose removal (with the earlier ones gone)
     gives the lowest calibration NLL."""
     removed, nlls = greedy_removal(ctx, "layer", [1.0] * ctx.num_layers, ctx.budget.n_remove, "SLEB", whole_forward)
-    ctx.info["sleb"] = {"order": removed, "nll": nlls}
+    ctx.info.sleb = {"order": removed, "nll": nlls}
     return ctx.new_plan([str(i) for i in sorted(removed)], [], method="sleb",
                         scores={str(i): k for k, i in enumerate(removed)})
 
