@@ -88,8 +88,8 @@ def save_tiny(path: Path, kind: str, layers: int = 6, seed: int = 0, zero_layer:
         adapter = get_adapter(model.config)
         layer = adapter.layers(model)[zero_layer]
         with torch.no_grad():
-            for path in (adapter.attn_out, adapter.mlp_out):
-                for p in layer.get_submodule(path).parameters():
+            for name in (adapter.attn_out, adapter.mlp_out):
+                for p in layer.get_submodule(name).parameters():
                     p.zero_()
     model.save_pretrained(path)
     make_tokenizer().save_pretrained(path)
