@@ -42,10 +42,10 @@ def main(argv=None) -> None:
     import torch
 
     from foldgpt import CompressConfig
-    from foldgpt.api import prepare
     from foldgpt.bench import _plan_from_row, variant_config
+    from foldgpt.fileio import write_json_atomic
     from foldgpt.methods.greedy import calibration_nll
-    from foldgpt.plan import write_json_atomic
+    from foldgpt.pipeline import prepare
     from foldgpt.structure import apply_plan_
     from foldgpt.weights import clone_sharing_weights
 
