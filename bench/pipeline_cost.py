@@ -99,13 +99,13 @@ def main(argv=None) -> dict:
     an_s = time.perf_counter() - t0
     an_gpu = torch.cuda.max_memory_allocated() if gpu else None
     session = Session(a.shape, model, tok, adapter, True, calib, sim, analysis_dict(sim), Corpus(text, ["python-docs"]))
-    cfg = CompressConfig(method=a.method, cure=True, target_params=0.75, seq_len=a.seq_len, calib_seqs=a.calib_seqs,
+    cfg = CompressConfig(method=a.method, target_params=0.75, seq_len=a.seq_len, calib_seqs=a.calib_seqs,
                          device=a.device, device_map=a.device_map,
                          gate=GateConfig(steps=a.gate_steps, rounds=min(5, a.gate_steps), batch_size=a.batch_size,
                                          micro_batch=a.micro_batch, grad_checkpointing=a.grad_checkpointing),
-                         cure_cfg=CureConfig(steps=a.cure_steps, batch_size=a.batch_size, warmup=1,
-                                             micro_batch=a.micro_batch, grad_checkpointing=a.grad_checkpointing,
-                                             teacher_cache=a.teacher_cache))
+                         cure=CureConfig(enabled=True, steps=a.cure_steps, batch_size=a.batch_size, warmup=1,
+                                         micro_batch=a.micro_batch, grad_checkpointing=a.grad_checkpointing,
+                                         teacher_cache=a.teacher_cache))
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as mem_run:

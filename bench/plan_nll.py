@@ -6,7 +6,7 @@ the cure, to see how well it predicts the cured result.
         --json bench/results/plan_nll_smollm2-135m.json
 
 With `--proxy`, each plan is also scored by the default search's cheap score (cross-entropy over the dense
-model's top-k tokens plus the target, on the search's first `fold.search_windows` windows), and every pair of
+model's top-k tokens plus the target, on the search's first `ranking.search_windows` windows), and every pair of
 plans at one target says whether the proxy orders them as the exact NLL on the reference windows does:
 
     python bench/plan_nll.py smollm2-135m ... --proxy --json bench/results/plan_proxy_smollm2-135m.json
@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     import torch
 
     from foldgpt import CompressConfig
-    from foldgpt.bench import _plan_from_row, variant_config
+    from foldgpt.bench import variant_config
     from foldgpt.fileio import write_json_atomic
     from foldgpt.methods.greedy import calibration_nll
     from foldgpt.pipeline import prepare
@@ -53,14 +53,14 @@ def main(argv=None) -> None:
     base = CompressConfig()
     session = prepare(a.model, text, base)
     ids = session.calib[: base.fold.cost_batch * 4]
-    proxy_ids = session.calib[: base.fold.search_windows]
+    proxy_ids = session.calib[: base.ranking.search_windows]
     with torch.no_grad():
         dense = calibration_nll(session.dense, ids)
         cand = None
         if a.proxy:  # the teacher's top-k tokens on the search's windows, the target first
             logits = session.dense(input_ids=proxy_ids, use_cache=False).logits[:, :-1].float()
             target = proxy_ids[:, 1:]
-            top = logits.topk(base.fold.topk, dim=-1).indices
+            top = logits.topk(base.ranking.topk, dim=-1).indices
             cand, dup = torch.cat([target[..., None], top], dim=-1), top == target[..., None]
     print(f"{'dense':32s}      calibration NLL {dense:.4f}", flush=True)
     out = [{"method": "dense", "calibration_nll": dense}]
@@ -75,11 +75,11 @@ def main(argv=None) -> None:
             if not picked:
                 raise SystemExit(f"error: {path} has no rows for {name}")
             for target, r in sorted(picked.items()):
-                cfg = variant_config(name, base, target, None)
+                cfg = variant_config(current_name(name), base, target, None)
                 if r.get("groups") and cfg.fold.child_gates and "child_gates" not in r:
                     raise SystemExit(f"error: {path}: the {name} row at {target} predates recorded child gates, so "
                                      "its plan cannot be rebuilt; take a row of the same plan that records them")
-                plan = _plan_from_row(r, cfg, session)
+                plan = plan_from_row(r, cfg, session)
                 student = clone_sharing_weights(session.dense)
                 apply_plan_(student, plan, session.adapter)
                 with torch.no_grad():
@@ -111,6 +111,29 @@ def main(argv=None) -> None:
                       f"proxy {x['proxy'][0]:.4f} / {x['proxy'][1]:.4f})")
     if a.json:
         write_json_atomic(Path(a.json), result)
+
+
+# the setting paths row labels were written with before CONFIG_VERSION 2, and where those settings are now
+OLD_PATHS = {"gate.unit=": "ranking.unit=", "cure_cfg.": "cure.", "[ranking=": "[ranking.kind=",
+             ";ranking=": ";ranking.kind="}
+
+
+def current_name(name: str) -> str:
+    """A row's method label (`foldgpt[gate.unit=sublayer]`) with today's setting paths."""
+    for old, new in OLD_PATHS.items():
+        name = name.replace(old, new)
+    return name
+
+
+def plan_from_row(row: dict, cfg, session):
+    """The plan a finished row ran, from the removed units, groups and child gate starts it records."""
+    from foldgpt.methods import get_method, make_plan
+
+    if get_method(cfg.method).merges or "removed" not in row or (cfg.method == "foldgpt" and cfg.ranking.kind == "search"):
+        raise SystemExit(f"error: a {row['method']} row does not record its whole plan (merged layers, fitted children)")
+    gates = {c: g["start"] if isinstance(g, dict) else g for c, g in row.get("child_gates", {}).items()}
+    return make_plan(cfg, session.dense, session.adapter, list(row["removed"]), [list(g) for g in row.get("groups", [])],
+                     child_gates=gates, method=cfg.method)
 
 
 def topk_loss(model, ids, cand, dup) -> float:

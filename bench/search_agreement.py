@@ -51,14 +51,14 @@ def main() -> None:
     ctx = Context(s.dense, s.adapter, s.calib, cfg, budget, s.bos, s.similarity)
     fits = ctx.child_fits()
     costs = layer_costs(ctx.model, ctx, fits.paths)
-    ranks = ranks_for(costs[0], cfg.fold.child_fractions)
+    ranks = ranks_for(costs[0], cfg.ranking.child_fractions)
     actions = [(i, st) for i in range(0, n, args.stride) for st in transitions(("keep",), ranks)]
     w = args.windows
     variants = {"nll": ("nll", w), "topk": ("topk", w), f"nll, {w // 2} windows": ("nll", w // 2),
                 f"topk, {w // 2} windows": ("topk", w // 2)}
     scores, seconds = {}, {}
     for name, (score, windows) in variants.items():
-        scorer = _Scorer(ctx, ctx.calib[:windows], fits, score, cfg.fold.topk)
+        scorer = _Scorer(ctx, ctx.calib[:windows], fits, score, cfg.ranking.topk)
         try:
             base = scorer.refresh()
             t = time.perf_counter()

@@ -1,5 +1,6 @@
 """Start a `foldgpt bench` rows file (OUT.rows.jsonl) from rows of finished runs, so a new run resumes from them:
-a cure-only variant (`sleb[cure_cfg.seed=1]`) then re-applies the plan of its base row instead of planning again.
+a cure-only variant (`sleb[cure.seed=1]`) then re-applies the plan of its base row (from a source rows file
+that carries it) instead of planning again.
 
     python bench/seed_rows.py --command P/part5/command.json \
         P/part5/results.json:dense,foldgpt-no-norm P/part2_results.json:sleb P/part7.rows.jsonl
@@ -37,11 +38,13 @@ def main(argv=None) -> None:
         if not sep or not path or not methods:
             p.error(f"{spec}: write SOURCE:METHOD,METHOD")
         wanted = methods.split(",")
-        rows = [rec["row"] for rec in read_records(path) if rec["row"]["method"] in wanted]
-        missing = set(wanted) - {r["method"] for r in rows}
+        recs = [rec for rec in read_records(path) if rec["row"]["method"] in wanted]
+        missing = set(wanted) - {rec["row"]["method"] for rec in recs}
         if missing:
             sys.exit(f"error: {path} has no rows for {', '.join(sorted(missing))}")
-        lines += [json.dumps({"command": command, "row": r}) for r in rows]
+        for rec in recs:
+            plan = {"plan": rec["plan"]} if "plan" in rec else {}
+            lines.append(json.dumps({"command": command, "row": rec["row"], **plan}))
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(out)

@@ -12,22 +12,24 @@ from foldgpt.adapters import get_adapter
 from foldgpt.cure import trainable_parameters
 from foldgpt.methods import get_method
 from foldgpt.methods import greedy as greedy_mod
-from foldgpt.methods.foldgpt import CHILD_GATE_GRID
+from foldgpt.methods.children import CHILD_GATE_GRID
 from foldgpt.models import load_model
 from foldgpt.plan import Plan
 from foldgpt.structure import unique_params
 
 
-def make_ctx(*args, **kw):
+def make_ctx(*args, searches=None, **kw):
     kw.setdefault("ranking", "greedy")
-    return _make_ctx(*args, **kw)
+    ctx = _make_ctx(*args, **kw)
+    ctx.searches = searches
+    return ctx
 
 
 IDS = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(5))
 
 
 def test_greedy_foldgpt_folds_back_removed_layers_with_measured_gates(tiny_dirs, text_file):
-    ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=0.6, gate=foldgpt.GateConfig(unit="layer"))
+    ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=0.6, unit="layer")
     b = ctx.budget
     assert b.n_fold >= 1
     plan = get_method("foldgpt").run(ctx)
@@ -51,20 +53,19 @@ def test_greedy_foldgpt_folds_back_removed_layers_with_measured_gates(tiny_dirs,
 
 
 def test_greedy_ranking_equals_sleb_at_the_same_depth(tiny_dirs, text_file):
-    """FoldGPT's greedy ranking is the SLEB search (shared: in one process it runs once)."""
-    ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=0.6, gate=foldgpt.GateConfig(unit="layer"))
+    """FoldGPT's greedy ranking is the SLEB search (shared: with one SearchCache it runs once)."""
+    ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=0.6, unit="layer")
     get_method("foldgpt").run(ctx)
     total = ctx.budget.n_remove + ctx.budget.n_fold
     sctx = make_ctx(tiny_dirs["llama"], text_file, "sleb", target=0.6)
     sctx.budget.n_remove = total
-    greedy_mod._MEMO.clear()
     sleb = get_method("sleb").run(sctx)
     assert sorted(int(u) for u in sleb.removed) == sorted(ctx.info.ranking["order"])
 
 
 def test_greedy_search_is_reused_and_continued(tiny_dirs, text_file, monkeypatch):
-    ctx = make_ctx(tiny_dirs["llama"], text_file, "sleb", target=0.6)
-    greedy_mod._MEMO.clear()
+    cache = greedy_mod.SearchCache()
+    ctx = make_ctx(tiny_dirs["llama"], text_file, "sleb", target=0.6, searches=cache)
     calls = []
     real = greedy_mod._search
 
@@ -80,9 +81,9 @@ def test_greedy_search_is_reused_and_continued(tiny_dirs, text_file, monkeypatch
     assert calls == [0, 2]
     assert ctx.info.reused_search_seconds > 0  # a reuse reports what the search cost when it ran
     assert one == two[:1] and nll1 == nll2[:1] and three[:2] == two
-    greedy_mod._MEMO.clear()
+    ctx.searches = None  # no cache: the search runs again, to the same answer
     fresh, _ = greedy_mod.greedy_removal(ctx, "layer", costs, 3, "t")
-    assert fresh == three
+    assert fresh == three and calls == [0, 2, 0]
 
 
 def test_a_stopped_greedy_search_continues_from_disk(tiny_dirs, text_file, monkeypatch, tmp_path):
@@ -95,18 +96,17 @@ def test_a_stopped_greedy_search_continues_from_disk(tiny_dirs, text_file, monke
         return real(*a, **k)
 
     monkeypatch.setattr(greedy_mod, "_search", counting)
-    monkeypatch.setattr(greedy_mod, "SEARCH_DIR", tmp_path / "search")
     costs = [1.0] * ctx.num_layers
-    greedy_mod._MEMO.clear()
+    ctx.searches = greedy_mod.SearchCache(tmp_path / "search")
     two, _ = greedy_mod.greedy_removal(ctx, "layer", costs, 2, "t")
     assert len(list((tmp_path / "search").glob("search-*.json"))) == 1
-    greedy_mod._MEMO.clear()  # a new process: only the file is left
+    ctx.searches = greedy_mod.SearchCache(tmp_path / "search")  # a new process: only the file is left
     again, _ = greedy_mod.greedy_removal(ctx, "layer", costs, 2, "t")
     three, _ = greedy_mod.greedy_removal(ctx, "layer", costs, 3, "t")
     assert calls == [0, 2] and again == two and three[:2] == two
     other = make_ctx(tiny_dirs["llama"], text_file, "sleb", target=0.6)
     other.calib = other.calib.flip(0)  # other windows: another file
-    greedy_mod._MEMO.clear()
+    other.searches = greedy_mod.SearchCache(tmp_path / "search")
     greedy_mod.greedy_removal(other, "layer", costs, 1, "t")
     assert calls[-1] == 0 and len(list((tmp_path / "search").glob("search-*.json"))) == 2
 
@@ -152,15 +152,13 @@ def test_plan_rejects_gates_on_non_children():
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_greedy_sublayer_ranking_is_blockpruners_search_plus_whole_layer_children(tiny_dirs, text_file, kind):
-    greedy_mod._MEMO.clear()
-    ctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, gate=foldgpt.GateConfig(unit="sublayer"))
+    ctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, unit="sublayer")
     b = ctx.budget
     assert b.n_fold >= 1
     plan = get_method("foldgpt").run(ctx)
     assert plan.unit == "sublayer"
     order = ctx.info.ranking["order"]
     bctx = make_ctx(tiny_dirs[kind], text_file, "blockpruner", target=0.5)
-    greedy_mod._MEMO.clear()
     bp = get_method("blockpruner").run(bctx).scores
     assert order[: len(bp)] == sorted(bp, key=bp.get)  # the same search (it may go on to pay for the children)
     children = {c: g[0] for g in plan.groups for c in g[1:]}
@@ -179,7 +177,7 @@ def test_greedy_sublayer_ranking_is_blockpruners_search_plus_whole_layer_childre
 
 def test_greedy_sublayer_ranking_needs_a_target(tiny_dirs, text_file):
     ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=None, remove_rate=0.25,
-                   gate=foldgpt.GateConfig(unit="sublayer"))
+                   unit="sublayer")
     with pytest.raises(foldgpt.FoldGPTError, match="needs --target-params"):
         get_method("foldgpt").run(ctx)
 
@@ -190,43 +188,42 @@ def test_auto_unit_folds_sub_blocks_only_when_their_nll_rise_is_clearly_smaller(
     """The default `--unit auto` runs both greedy searches and folds the sub-block one only when its NLL rise over
     the dense model is at most AUTO_SUBLAYER_RISE x the layer search's; its plan is then exactly the plan of the
     chosen unit alone."""
-    from foldgpt.methods import foldgpt as fg
+    from foldgpt.methods import greedy_fold as gf
 
-    greedy_mod._MEMO.clear()
-    ctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, gate=foldgpt.GateConfig(unit="auto"))
-    assert foldgpt.CompressConfig().gate.unit == "auto"  # the default
+    ctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, unit="auto")
+    assert foldgpt.CompressConfig().ranking.unit == "auto"  # the default
     plan = get_method("foldgpt").run(ctx)
     choice = ctx.info.unit_choice
     ends, dense = choice["end_nll"], choice["dense_nll"]
     assert dense == pytest.approx(greedy_mod.calibration_nll(ctx.model, ctx.calib[: ctx.cfg.fold.cost_batch * 4]))
     ratio = (ends["sublayer"] - dense) / (ends["layer"] - dense)
     assert choice["rise_ratio"] == pytest.approx(ratio)
-    assert choice["chosen"] == plan.unit == ("sublayer" if ratio <= fg.AUTO_SUBLAYER_RISE else "layer")
+    assert choice["chosen"] == plan.unit == ("sublayer" if ratio <= gf.AUTO_SUBLAYER_RISE else "layer")
     plans = {}
+    cache = greedy_mod.SearchCache()
     for unit in ("layer", "sublayer"):
-        greedy_mod._MEMO.clear()
-        uctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, gate=foldgpt.GateConfig(unit=unit))
+        uctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, unit=unit, searches=cache)
         alone = get_method("foldgpt").run(uctx)
         assert uctx.info.ranking["nll"][-1] == pytest.approx(ends[unit])  # each search as it runs alone
         plans[unit] = (alone.removed, alone.groups, alone.child_gates)
     assert (plan.removed, plan.groups, plan.child_gates) == plans[plan.unit]
-    # either way round the threshold, the plan is the chosen unit's (both searches now come from the memo)
+    # either way round the threshold, the plan is the chosen unit's (both searches now come from the cache)
     for limit, unit in ((ratio - 0.01, "layer"), (ratio + 0.01, "sublayer")):
-        monkeypatch.setattr(fg, "AUTO_SUBLAYER_RISE", limit)
+        monkeypatch.setattr(gf, "AUTO_SUBLAYER_RISE", limit)
         forced = get_method("foldgpt").run(make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5,
-                                                    gate=foldgpt.GateConfig(unit="auto")))
+                                                    unit="auto", searches=cache))
         assert forced.unit == unit and (forced.removed, forced.groups, forced.child_gates) == plans[unit]
     # both searches are timed: a run that reuses them counts what each cost when it ran
-    rctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, gate=foldgpt.GateConfig(unit="auto"))
+    rctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.5, unit="auto", searches=cache)
     get_method("foldgpt").run(rctx)
-    clocks = [v[3][-1] for v in greedy_mod._MEMO.values()]  # each search's seconds when it ran
+    clocks = [s.seconds[-1] for s in cache.searches.values()]  # each search's seconds when it ran
     assert len(clocks) == 2 and rctx.info.reused_search_seconds == pytest.approx(sum(clocks))
 
 
 def test_compress_records_the_auto_units_choice(tiny_dirs, text_file, tmp_path):
     # the greedy ranking with the default unit, auto (the default ranking, the search, has no units to choose)
-    cfg = fast_config(target_params=0.5, ranking="greedy", gate=foldgpt.GateConfig(steps=24, batch_size=4))
-    assert cfg.gate.unit == "auto"
+    cfg = fast_config(target_params=0.5, ranking="greedy", unit="auto")
+    assert cfg.ranking.unit == foldgpt.RankingConfig().unit == "auto"
     res = foldgpt.compress(str(tiny_dirs["llama"]), [str(text_file)], tmp_path / "o", cfg)
     saved = Plan.load(tmp_path / "o" / "plan.json")
     choice = saved.provenance["unit_choice"]
@@ -235,7 +232,7 @@ def test_compress_records_the_auto_units_choice(tiny_dirs, text_file, tmp_path):
 
 def test_auto_unit_ranks_layers_without_a_target(tiny_dirs, text_file):
     ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=None, remove_rate=0.25,
-                   gate=foldgpt.GateConfig(unit="auto"))
+                   unit="auto")
     plan = get_method("foldgpt").run(ctx)
     assert plan.unit == "layer" and ctx.info.ranking["unit"] == "layer" and ctx.info.unit_choice is None
 
@@ -252,7 +249,7 @@ def test_compress_reports_child_gates_before_and_after_the_cure(tiny_dirs, text_
 
 
 def test_children_borrow_another_attention_kind_only_when_allowed(tiny_dirs, text_file, monkeypatch):
-    from foldgpt.methods.foldgpt import neighbours
+    from foldgpt.methods.children import neighbours
 
     kinds = ["s", "s", "g", "s", "s", "g"]
     assert neighbours(3, [2, 5], kinds) == []  # no sliding-window layer kept: nothing to borrow
@@ -264,9 +261,9 @@ def test_children_borrow_another_attention_kind_only_when_allowed(tiny_dirs, tex
     # same-kind parent is left, so only borrowing the global layers folds the budgeted children back
     import dataclasses
 
-    import foldgpt.methods.foldgpt as fg
+    import foldgpt.methods.greedy_fold as gf
 
-    monkeypatch.setattr(fg, "greedy_removal", lambda ctx, *a, **k: ([0, 1, 3, 4], [0.0] * 4))
+    monkeypatch.setattr(gf, "greedy_removal", lambda ctx, *a, **k: ([0, 1, 3, 4], [0.0] * 4))
     folded = {}
     for across in (False, True):
         ctx = make_ctx(tiny_dirs["gemma3"], text_file, "foldgpt", target=0.5)

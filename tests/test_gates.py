@@ -43,8 +43,8 @@ def test_sublayer_gates_remove_planted_branches_first(tiny_dirs, text_file):
     layer = model.model.layers[0]
     attn = sum(layer.get_submodule(p).weight.numel() for p in adapter.attn_linears)
     mlp = sum(layer.get_submodule(p).weight.numel() for p in adapter.mlp_linears)
-    cfg = GateConfig(unit="sublayer", steps=16, rounds=2, batch_size=4)
-    res = train_gates(model, adapter, _calib(tok, text_file), attn + mlp, cfg, seed=0)
+    cfg = GateConfig(steps=16, rounds=2, batch_size=4)
+    res = train_gates(model, adapter, _calib(tok, text_file), attn + mlp, cfg, seed=0, unit="sublayer")
     assert set(res.names[i] for i in res.removed[:2]) == {"2.attn", "2.mlp"}
 
 

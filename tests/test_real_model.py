@@ -20,7 +20,7 @@ def test_smollm2_compress_and_reload(tmp_path, monkeypatch):
 
     text.write_text(_builtin_text()[:120_000])
     cfg = CompressConfig(target_params=0.9, seq_len=64, calib_seqs=32,
-                         gate=GateConfig(steps=4, rounds=2, batch_size=2), cure_cfg=CureConfig(steps=3, batch_size=2))
+                         gate=GateConfig(steps=4, rounds=2, batch_size=2), cure=CureConfig(steps=3, batch_size=2))
     res = foldgpt.compress("smollm2-135m", [str(text)], tmp_path / "out", cfg)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["unique_params"] <= 0.9 * summary["base_params"]

@@ -80,7 +80,7 @@ def test_spend_slack_raises_the_lowest_ranks_within_the_slack():
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_search_lands_on_the_target_and_the_plan_rebuilds_the_same_model(tiny_dirs, text_file, kind):
     ctx = make_ctx(tiny_dirs[kind], text_file, "foldgpt", target=0.6)
-    assert ctx.cfg.ranking == "search"  # the default
+    assert ctx.cfg.ranking.kind == "search"  # the default
     before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
     plan = foldgpt.methods.get_method("foldgpt").run(ctx)
     after = ctx.model.state_dict()
@@ -106,7 +106,7 @@ def test_lazy_search_starts_like_the_exact_search(tiny_dirs, text_file):
     """Step one scores every action in both; the lazy search only re-scores the best ones afterwards."""
     lazy = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=0.6)
     exact = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=0.6)
-    exact.cfg.fold.rescore = 0
+    exact.cfg.ranking.rescore = 0
     foldgpt.methods.get_method("foldgpt").run(lazy)
     foldgpt.methods.get_method("foldgpt").run(exact)
     a, b = lazy.info.search["steps"], exact.info.search["steps"]
@@ -157,7 +157,7 @@ def test_actions_restrict_what_the_search_may_do():
     assert transitions((KEEP,), [8], ("attn",)) == [("attn",)]
     assert transitions(("child", 8), [8, 4], ("child",)) == [("child", 4)]  # no deletion without "layer"
     with pytest.raises(FoldGPTError, match="actions"):
-        foldgpt.FoldConfig(actions=["prune"])
+        foldgpt.RankingConfig(actions=["prune"])
 
 
 def test_cure_trains_fitted_factors_at_a_scaled_learning_rate(tiny_dirs, text_file):

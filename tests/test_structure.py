@@ -85,7 +85,7 @@ def test_sublayer_compress_round_trip(tiny_dirs, text_file, tmp_path):
     from helpers import fast_config
 
     res = foldgpt.compress(str(tiny_dirs["gemma3"]), [str(text_file)], tmp_path / "o",
-                           fast_config(ranking="gates", gate=foldgpt.GateConfig(unit="sublayer", steps=8, rounds=2)))
+                           fast_config(ranking="gates", unit="sublayer", gate=foldgpt.GateConfig(steps=8, rounds=2)))
     assert any("." in u for u in res.plan.removed) or res.plan.removed
     model, _ = foldgpt.load(tmp_path / "o")
     ids = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(0))

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from foldgpt import tasks
+from foldgpt import cloze, scoring, tasks
 from foldgpt.errors import FoldGPTError
-from foldgpt.tasks import Example, Score, Task
+from foldgpt.evaluate import run_lm_eval
+from foldgpt.scoring import Score
+from foldgpt.tasks import Example, Task
 
 BIGBENCH = Path("/work/shared/data/bigbench")
 
@@ -50,16 +52,16 @@ def test_acc_and_acc_norm_by_hand(monkeypatch):
         seen.extend(requests)
         return [Score(lls[r], 1, False) for r in requests]
 
-    monkeypatch.setattr(tasks, "score_requests", fake)
-    out = tasks.evaluate_multiple_choice(None, None, task, batch_size=3)
+    monkeypatch.setattr(scoring, "score_requests", fake)
+    out = scoring.evaluate_multiple_choice(None, None, task, batch_size=3)
     assert seen == list(lls)
     assert out == {"task": "hand", "n": 2, "acc": 0.0, "acc_norm": 1.0}
 
 
 def test_ties_go_to_first_max():
-    assert tasks.choice_metrics([-1.0, -1.0], ["ab", "cd"], 0) == (1.0, 1.0)
-    assert tasks.choice_metrics([-1.0, -1.0], ["ab", "cd"], 1) == (0.0, 0.0)
-    assert tasks.choice_metrics([-3.0, -1.0], ["abc", "d"], 1) == (1.0, 0.0)  # norm: -1, -1 -> first
+    assert scoring.choice_metrics([-1.0, -1.0], ["ab", "cd"], 0) == (1.0, 1.0)
+    assert scoring.choice_metrics([-1.0, -1.0], ["ab", "cd"], 1) == (0.0, 0.0)
+    assert scoring.choice_metrics([-3.0, -1.0], ["abc", "d"], 1) == (1.0, 0.0)  # norm: -1, -1 -> first
 
 
 # ---------------------------------------------------------------------------------------------- (b) loading
@@ -119,15 +121,15 @@ def test_jsonl_aliases(tmp_path):
 
 def test_encode_pair_moves_trailing_space(llama):
     _, tok = llama
-    ctx, cont = tasks.encode_pair(tok, "The quick brown ", "fox", bos=False)
+    ctx, cont = scoring.encode_pair(tok, "The quick brown ", "fox", bos=False)
     assert ctx == tok.encode("The quick brown", add_special_tokens=False)
     assert tok.decode(cont) == " fox"
-    ctx_bos, _ = tasks.encode_pair(tok, "The quick brown ", "fox", bos=True)
+    ctx_bos, _ = scoring.encode_pair(tok, "The quick brown ", "fox", bos=True)
     assert ctx_bos == [tok.bos_token_id] + ctx
 
 
 def direct_logprob(model, tok, context: str, continuation: str, bos: bool) -> float:
-    ctx, cont = tasks.encode_pair(tok, context, continuation, bos)
+    ctx, cont = scoring.encode_pair(tok, context, continuation, bos)
     ids = torch.tensor([ctx + cont])
     with torch.no_grad():
         lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
@@ -141,26 +143,26 @@ def test_batched_equals_unbatched(llama, bos):
     requests = [("It is a truth universally ", "acknowledged"), ("The quick brown", " fox jumps over"),
                 ("However little known the feelings or views of such a man may be", " on his first"),
                 ("a", " wife"), ("must be in want of", " a wife.")]
-    scores = tasks.score_requests(model, tok, requests, bos=bos, batch_size=3)
+    scores = scoring.score_requests(model, tok, requests, bos=bos, batch_size=3)
     for (c, x), s in zip(requests, scores):
         assert s.logprob == pytest.approx(direct_logprob(model, tok, c, x, bos), abs=1e-4)
-        assert s.tokens == len(tasks.encode_pair(tok, c, x, bos)[1])
+        assert s.tokens == len(scoring.encode_pair(tok, c, x, bos)[1])
 
 
 def test_left_truncation(llama):
     model, tok = llama
     req = ("The quick brown fox jumps over the", " lazy dog")
-    ctx, cont = tasks.encode_pair(tok, *req, bos=False)
+    ctx, cont = scoring.encode_pair(tok, *req, bos=False)
     n = len(cont)
     window = n + 3  # the context is cut from the left, the continuation is whole
-    s = tasks.score_requests(model, tok, [req], max_length=window)[0]
+    s = scoring.score_requests(model, tok, [req], max_length=window)[0]
     kept = (ctx + cont)[-(window + 1):]
     with torch.no_grad():
         lp = torch.log_softmax(model(input_ids=torch.tensor([kept[:-1]])).logits[0].float(), -1)
     expect = float(lp[-n:].gather(-1, torch.tensor(kept[-n:])[:, None]).sum())
     assert s.tokens == n and s.logprob == pytest.approx(expect, abs=1e-4)
     # a continuation longer than the window is scored on its last max_length tokens
-    assert tasks.score_requests(model, tok, [req], max_length=n - 2)[0].tokens == n - 2
+    assert scoring.score_requests(model, tok, [req], max_length=n - 2)[0].tokens == n - 2
 
 
 # ---------------------------------------------------------------------------------------------- (d) cloze
@@ -168,9 +170,9 @@ def test_left_truncation(llama):
 
 def test_cloze_examples_deterministic(text_file):
     text = text_file.read_text()
-    a = tasks.cloze_examples(text, n=20, seed=3, context_chars=200)
-    assert a == tasks.cloze_examples(text, n=20, seed=3, context_chars=200)
-    assert a != tasks.cloze_examples(text, n=20, seed=4, context_chars=200)
+    a = cloze.cloze_examples(text, n=20, seed=3, context_chars=200)
+    assert a == cloze.cloze_examples(text, n=20, seed=3, context_chars=200)
+    assert a != cloze.cloze_examples(text, n=20, seed=4, context_chars=200)
     assert len(a) == 20
     flat = " ".join(text.split())
     for ex in a:
@@ -184,17 +186,17 @@ def test_cloze_examples_deterministic(text_file):
 
 def test_cloze_hand_text():
     text = "One two three. Four five six!  Seven eight it.\nNine ten eleven? Go."
-    exs = tasks.cloze_examples(text, n=10, seed=0, context_chars=15)
+    exs = cloze.cloze_examples(text, n=10, seed=0, context_chars=15)
     assert [(e.context, e.target) for e in exs] == [
         ("One two", " three"), ("Four five", " six"), ("it. Nine ten", " eleven")]
 
 
 def test_evaluate_cloze(llama, text_file):
     model, tok = llama
-    exs = tasks.cloze_examples(text_file.read_text(), n=6, seed=0, context_chars=120)
-    out = tasks.evaluate_cloze(model, tok, exs, bos=True, batch_size=4)
+    exs = cloze.cloze_examples(text_file.read_text(), n=6, seed=0, context_chars=120)
+    out = cloze.evaluate_cloze(model, tok, exs, bos=True, batch_size=4)
     assert out["n"] == 6 and 0.0 <= out["acc"] <= 1.0 and out["ppl"] >= 1.0 and out["tokens"] >= 6
-    scores = tasks.score_requests(model, tok, [(e.context, e.target) for e in exs], bos=True, batch_size=1)
+    scores = scoring.score_requests(model, tok, [(e.context, e.target) for e in exs], bos=True, batch_size=1)
     assert out["acc"] == pytest.approx(sum(s.greedy for s in scores) / 6)
 
 
@@ -231,9 +233,9 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(FoldGPTError, match="unknown file type"):
         tasks.load_task(tmp_path / "t.txt")
     with pytest.raises(FoldGPTError, match="no sentence"):
-        tasks.cloze_examples("To be. Or not, to be! Ok", n=3)
+        cloze.cloze_examples("To be. Or not, to be! Ok", n=3)
     with pytest.raises(FoldGPTError, match="no tasks"):
-        tasks.evaluate_tasks(None, None, [])
+        scoring.evaluate_tasks(None, None, [])
 
 
 def test_error_messages_are_one_line(tmp_path):
@@ -248,7 +250,7 @@ def test_error_messages_are_one_line(tmp_path):
 def test_run_lm_eval_without_lm_eval(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails even where lm-eval is installed
     with pytest.raises(FoldGPTError, match=r"lm-eval is not installed: pip install 'foldgpt\[eval\]'"):
-        tasks.run_lm_eval(None, None, ["hellaswag"])
+        run_lm_eval(None, None, ["hellaswag"])
 
 
 # ---------------------------------------------------------------------------------------------- real data
@@ -260,7 +262,7 @@ def test_real_bigbench_task(llama):
     specs = [str(BIGBENCH / "winowhy")]
     if (BIGBENCH / "goal_step_wikihow" / "goal_inference" / "task.json").is_file():
         specs.append(str(BIGBENCH / "goal_step_wikihow" / "goal_inference"))
-    out = tasks.evaluate_tasks(model, tok, specs, bos=True, batch_size=8, limit=5, max_length=128)
+    out = scoring.evaluate_tasks(model, tok, specs, bos=True, batch_size=8, limit=5, max_length=128)
     assert set(out) == {Path(s).name for s in specs}
     for name, r in out.items():
         assert r["task"] == name and r["n"] == 5

@@ -3,17 +3,19 @@
 __version__ = "0.1.0"
 
 from .api import analyze, compress, evaluate, load
-from .config import CompressConfig, CureConfig, FoldConfig, GateConfig
+from .config import CompressConfig, CureConfig, EvalConfig, FoldConfig, GateConfig, RankingConfig
 from .errors import FoldGPTError
 from .plan import Plan
 
 __all__ = [
     "CompressConfig",
     "CureConfig",
+    "EvalConfig",
     "FoldConfig",
     "FoldGPTError",
     "GateConfig",
     "Plan",
+    "RankingConfig",
     "__version__",
     "analyze",
     "compress",

@@ -15,11 +15,12 @@ import torch
 from . import placement
 from .adapters import get_adapter
 from .analysis import analysis_dict, similarity
-from .config import CompressConfig
+from .cloze import cloze_examples
+from .config import CompressConfig, EvalConfig, with_settings
 from .cure import dist_info
 from .data import calibration_batches, load_text, needs_bos, tokenize
 from .errors import FoldGPTError
-from .evaluate import perplexity
+from .evaluate import evaluate_model
 from .fileio import atomic_dir, write_json_atomic
 from .methods import get_method
 from .models import load_model
@@ -103,21 +104,21 @@ def compress(model: str, text: list[str] | str | None, out: str | Path, config: 
 
 
 # ---- evaluate -----------------------------------------------------------------------------------------
-def evaluate(models: list[str] | str, text: list[str] | str | None, seq_len: int = 512,
-             max_tokens: int | None = None, json_out: str | Path | None = None, batch_size: int = 4,
-             tasks: list[str] | None = None, task_limit: int | None = None, cloze: int = 0,
-             lm_eval: list[str] | None = None, device: str = "cpu", device_map: str | None = None,
-             max_memory: str | None = None) -> list[dict]:
+def evaluate(models: list[str] | str, text: list[str] | str | None, config: EvalConfig | None = None,
+             json_out: str | Path | None = None, device: str = "cpu", device_map: str | None = None,
+             max_memory: str | None = None, **settings) -> list[dict]:
     """Perplexity (and bits per byte) of one or more models on the same text, plus zero-shot tasks:
-    multiple choice (BIG-bench task.json / JSONL), a cloze task built from the text, lm-eval tasks.
-    Mirrors `foldgpt eval`."""
+    multiple choice (BIG-bench task.json / JSONL), a cloze task built from the text, lm-eval tasks; what to measure is
+    `config` with `settings` (EvalConfig fields, e.g. seq_len=512) over it. Mirrors `foldgpt eval`."""
+    cfg = with_settings(config or EvalConfig(), settings)
     models = [models] if isinstance(models, str) else list(models)
-    if not text and not tasks and not lm_eval:
+    if not text and not cfg.tasks and not cfg.lm_eval:
         raise FoldGPTError("give evaluation text with --text (a .txt/.jsonl file, a directory or a dataset name) "
                            "or --tasks")
     corpus = load_text(text, split="test") if text else None
-    if cloze and corpus is None:
+    if cfg.cloze and corpus is None:
         raise FoldGPTError("--cloze builds its examples from --text; give --text")
+    cloze = cloze_examples(corpus.text, n=cfg.cloze) if cfg.cloze else None
     rows = []
     for name in models:
         model, tok = load_model(name)
@@ -127,23 +128,17 @@ def evaluate(models: list[str] | str, text: list[str] | str | None, seq_len: int
         else:
             model.to(device)
         bos = needs_bos(tok, adapter.needs_bos)
+        texts = {name: tokenize(tok, corpus.text)} if corpus is not None else {}
+        ev = evaluate_model(model, tok, bos, texts, cfg, cloze)
         row: dict = {"model": name, "unique_params": unique_params(model)}
         if corpus is not None:
-            res = perplexity(model, tok, tokenize(tok, corpus.text), seq_len, bos, max_tokens, batch_size)
-            row.update(res.to_dict(), text=corpus.sources)
-            log.info("%s: perplexity %.3f over %d tokens", name, res.perplexity, res.tokens)
-        if tasks:
-            from .tasks import evaluate_tasks
-
-            row["tasks"] = evaluate_tasks(model, tok, tasks, bos=bos, limit=task_limit)
-        if cloze:
-            from .tasks import cloze_examples, evaluate_cloze
-
-            row["cloze"] = evaluate_cloze(model, tok, cloze_examples(corpus.text, n=cloze), bos=bos)
-        if lm_eval:
-            from .tasks import run_lm_eval
-
-            row["lm_eval"] = run_lm_eval(model, tok, lm_eval, limit=task_limit)
+            row.update(ev.perplexity[name].to_dict(), text=corpus.sources)
+        if cfg.tasks:
+            row["tasks"] = ev.tasks
+        if ev.cloze is not None:
+            row["cloze"] = ev.cloze
+        if ev.lm_eval is not None:
+            row["lm_eval"] = ev.lm_eval
         rows.append(row)
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)

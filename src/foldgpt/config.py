@@ -1,10 +1,29 @@
-"""Typed, validated configuration for every stage. The CLI fills these; library code never sees argparse."""
+"""Typed, validated configuration for every stage, and the one place its defaults and choices are written: the CLI
+takes its defaults and choices from here, and library code never sees argparse."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 from .errors import FoldGPTError
+
+# Written with every saved configuration (CompressConfig.to_dict: the plan's provenance, summary.json, a bench's
+# command); raised when a field moves or changes meaning, so a saved configuration says which layout it has.
+# 2: the rankings' settings in RankingConfig (`ranking` -> `ranking.kind`, `gate.unit` -> `ranking.unit`, the
+# search's settings out of `fold`), the cure's switch in CureConfig (`cure` -> `cure.enabled`, `cure_cfg` -> `cure`).
+CONFIG_VERSION = 2
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # autocast of the training stages (precision.autocast)
+RANKINGS = ("search", "greedy", "gates")
+UNITS = ("auto", "layer", "sublayer")
+SEARCH_SCORES = ("nll", "topk")
+SEARCH_ACTIONS = ("attn", "mlp", "layer", "child")
+GATE_BUDGETS = ("project", "penalty")
+ADAPTER_INITS = ("zero", "svd", "fit")  # "fit": the search's fitted children (never chosen on the command line)
+FOLD_SELECTS = ("loss", "adjacent")
+DEVICE_MAPS = ("auto", "offload")
+COMPENSATIONS = ("none", "replaceme", "linearpatch")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -12,12 +31,54 @@ def _check(cond: bool, msg: str) -> None:
         raise FoldGPTError(msg)
 
 
+def _one_of(value, choices: tuple, name: str) -> None:
+    _check(value in choices, f"{name} must be {', '.join(map(str, choices[:-1]))} or {choices[-1]}, got '{value}'")
+
+
+@dataclass
+class RankingConfig:
+    """How foldgpt's method ranks what to delete and fold (`--ranking` and each ranking's settings)."""
+
+    # "search" (one search over keep / delete sub-block / delete / fitted child, methods/search.py), "greedy"
+    # (whole-layer or sub-block greedy NLL removal, then children fold back) or "gates" (learned gates)
+    kind: str = "search"
+    # greedy and gates rankings: "layer", "sublayer" (attention and MLP separately) or "auto": the greedy ranking runs
+    # both searches and keeps sub-blocks only when they reach the target at a clearly lower calibration NLL
+    # (methods/greedy_fold.py: AUTO_SUBLAYER_RISE), else whole layers; the gates ranking takes whole layers
+    unit: str = "auto"
+    # the search: fitted children at these costs (fractions of a block's parameters)
+    child_fractions: list[float] = field(default_factory=lambda: [0.125, 0.25])
+    rescore: int = 6  # after the first step, re-score only this many best actions (<= 0: every action, every step)
+    # how the search scores actions: "nll" (through the vocabulary head) or "topk" (the teacher's top-k tokens + the
+    # target: 2x cheaper on SmolLM2, more where the head is large; bench/search_agreement.py)
+    score: str = "topk"
+    topk: int = 64
+    search_windows: int = 2  # calibration windows the search scores on
+    confirm: int = 0  # > 0: the best few of each step are scored again with the exact NLL on confirm_windows
+    confirm_windows: int = 4
+    per_step: int = 3  # actions taken per search step (the best, then the next best of other layers)
+    actions: list[str] = field(default_factory=lambda: list(SEARCH_ACTIONS))  # what the search may do
+
+    def __post_init__(self):
+        _one_of(self.kind, RANKINGS, "--ranking")
+        _one_of(self.unit, UNITS, "ranking unit")
+        _one_of(self.score, SEARCH_SCORES, "search score")
+        _check(all(0 < f < 1 for f in self.child_fractions) and len(self.child_fractions) > 0,
+               "child fractions must be in (0, 1)")
+        _check(bool(self.actions) and set(self.actions) <= set(SEARCH_ACTIONS),
+               f"search actions must be among {', '.join(SEARCH_ACTIONS)}; got {self.actions}")
+        _check(self.topk >= 1 and self.search_windows >= 1, "--topk and search windows must be >= 1")
+
+    @property
+    def fixed_unit(self) -> str:
+        """The unit a single ranking uses: "auto" is whole layers wherever no search comparison decides."""
+        return "layer" if self.unit == "auto" else self.unit
+
+
 @dataclass
 class GateConfig:
-    # "layer", "sublayer" (attention and MLP separately) or "auto": the greedy ranking runs both searches and keeps
-    # sub-blocks only when they reach the target at a clearly lower calibration NLL (methods/foldgpt.py:
-    # AUTO_SUBLAYER_RISE), else whole layers; the gates ranking takes whole layers
-    unit: str = "auto"
+    """Gate training (the gates ranking, gates.train_gates)."""
+
     steps: int = 40
     rounds: int = 5  # removal happens over this many rounds of gate training
     batch_size: int = 4
@@ -32,19 +93,14 @@ class GateConfig:
     grad_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
 
     def __post_init__(self):
-        _check(self.unit in ("auto", "layer", "sublayer"),
-               f"gate unit must be 'auto', 'layer' or 'sublayer', got '{self.unit}'")
         _check(self.steps >= 1, "gate steps must be >= 1")
-        _check(self.budget in ("project", "penalty"), "gate budget must be 'project' or 'penalty'")
-
-    @property
-    def fixed_unit(self) -> str:
-        """The unit a single ranking uses: "auto" is whole layers wherever no search comparison decides."""
-        return "layer" if self.unit == "auto" else self.unit
+        _one_of(self.budget, GATE_BUDGETS, "gate budget")
 
 
 @dataclass
 class FoldConfig:
+    """Folding: groups of layers sharing one layer's weights, and the children's low-rank parts."""
+
     group_size: int = 2
     adapter_rank: int = 8
     adapter_init: str = "zero"
@@ -56,38 +112,23 @@ class FoldConfig:
     # a child may also borrow the nearest kept layer of another attention kind (Gemma-3: a sliding-window child on a
     # global layer's weights, same shapes); the measured child search decides whether it helps
     across_kinds: bool = False
-    # --ranking search (methods/search.py): fitted children at these costs (fractions of a block's parameters)
-    child_fractions: list[float] = field(default_factory=lambda: [0.125, 0.25])
-    rescore: int = 6  # after the first step, re-score only this many best actions (<= 0: every action, every step)
-    # how the search scores actions: "nll" (through the vocabulary head) or "topk" (the teacher's top-k tokens + the
-    # target: 2x cheaper on SmolLM2, more where the head is large; bench/search_agreement.py)
-    score: str = "topk"
-    topk: int = 64
-    search_windows: int = 2  # calibration windows the search scores on
-    confirm: int = 0  # > 0: the best few of each step are scored again with the exact NLL on confirm_windows
-    confirm_windows: int = 4
-    per_step: int = 3  # actions taken per search step (the best, then the next best of other layers)
-    actions: list[str] = field(default_factory=lambda: ["attn", "mlp", "layer", "child"])  # what the search may do
     fit_windows: int = 32  # calibration windows whose activations the children are fitted on
-    alpha: bool = True  # a child Linear may add alpha * parent where that lowers its calibration error
+    alpha: bool = True  # a fitted child Linear may add alpha * parent where that lowers its calibration error
     alpha_margin: float = 0.1  # ... by more than this fraction
 
     def __post_init__(self):
         _check(self.group_size >= 1, "group size must be >= 1 (1 disables folding)")
         _check(self.adapter_rank >= 0, "adapter rank must be >= 0")
-        _check(self.adapter_init in ("zero", "svd", "fit"), "adapter init must be 'zero', 'svd' or 'fit'")
-        _check(all(0 < f < 1 for f in self.child_fractions) and len(self.child_fractions) > 0,
-               "child fractions must be in (0, 1)")
-        _check(self.score in ("nll", "topk"), f"search score must be 'nll' or 'topk', got '{self.score}'")
-        _check(bool(self.actions) and set(self.actions) <= {"attn", "mlp", "layer", "child"},
-               f"search actions must be among attn, mlp, layer, child; got {self.actions}")
-        _check(self.topk >= 1 and self.search_windows >= 1 and self.fit_windows >= 1,
-               "--topk, search windows and fit windows must be >= 1")
-        _check(self.select in ("loss", "adjacent"), "fold selection must be 'loss' or 'adjacent'")
+        _one_of(self.adapter_init, ADAPTER_INITS, "adapter init")
+        _check(self.fit_windows >= 1, "fit windows must be >= 1")
+        _one_of(self.select, FOLD_SELECTS, "fold selection")
 
 
 @dataclass
 class CureConfig:
+    """The cure: distillation from the dense model into the compressed one's norms, deltas and adapters."""
+
+    enabled: bool | None = None  # None: the method's default (foldgpt cures, peers do not)
     steps: int = 50  # 50 steps of 4 x 256 tokens: the default compress stays within minutes on a laptop CPU
     batch_size: int = 4
     lr: float = 2e-3
@@ -118,8 +159,7 @@ class CureConfig:
         _check(self.child_lr_scale >= 0, "child learning-rate scale must be >= 0")
         _check(self.lora_rank >= 0, "cure LoRA rank must be >= 0")
         _check(self.teacher_topk >= 1, "--teacher-topk must be >= 1")
-        _check(self.precision in ("auto", "fp32", "bf16", "fp16"),
-               f"precision must be auto, fp32, bf16 or fp16, got '{self.precision}'")
+        _one_of(self.precision, PRECISIONS, "precision")
 
 
 @dataclass
@@ -128,9 +168,6 @@ class CompressConfig:
     target_params: float | None = 0.75  # fraction of unique parameters kept
     remove_rate: float | None = None  # fraction of layers removed (with group_size: sets the split directly)
     remove_share: float = 0.5  # with only a target: share of the savings taken by removal
-    # foldgpt's ranking: "search" (one search over keep / delete sub-block / delete / fitted child, methods/search.py),
-    # "greedy" (whole-layer or sub-block greedy NLL removal, then children fold back) or "gates" (learned gates)
-    ranking: str = "search"
     protect_ends: bool = False
     seq_len: int = 256
     calib_seqs: int = 512
@@ -140,12 +177,12 @@ class CompressConfig:
     streaming: bool = False  # analysis and greedy scores layer by layer on `device`, the model kept on the CPU
     device_map: str | None = None  # "auto": layers spread over the GPUs (overflow offloaded); "offload": all on CPU
     max_memory: str | None = None  # with device_map auto: "cuda:0=30GiB,cuda:1=30GiB,cpu=200GiB"
-    cure: bool | None = None  # None: the method's default (foldgpt cures, peers do not)
     # training-free compensation of deleted spans (compensate.py), merged into weights: none, replaceme, linearpatch
     compensate: str = "none"
+    ranking: RankingConfig = field(default_factory=RankingConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     fold: FoldConfig = field(default_factory=FoldConfig)
-    cure_cfg: CureConfig = field(default_factory=CureConfig)
+    cure: CureConfig = field(default_factory=CureConfig)
 
     def __post_init__(self):
         if self.target_params is not None:
@@ -156,19 +193,64 @@ class CompressConfig:
         _check(self.target_params is not None or self.remove_rate is not None,
                "give --target-params or --remove-rate")
         _check(0.0 <= self.remove_share <= 1.0, "remove share must be in [0, 1]")
-        _check(self.ranking in ("search", "greedy", "gates"),
-               f"--ranking must be 'search', 'greedy' or 'gates', got '{self.ranking}'")
         _check(self.seq_len >= 8, "--seq-len must be >= 8")
         _check(self.calib_seqs >= 1, "calibration sequences must be >= 1")
-        _check(self.precision in ("auto", "fp32", "bf16", "fp16"),
-               f"precision must be auto, fp32, bf16 or fp16, got '{self.precision}'")
-        _check(self.device_map in (None, "auto", "offload"),
-               f"--device-map must be 'auto' or 'offload', got '{self.device_map}'")
+        _one_of(self.precision, PRECISIONS, "precision")
+        _check(self.device_map in (None, *DEVICE_MAPS),
+               f"--device-map must be {' or '.join(repr(m) for m in DEVICE_MAPS)}, got '{self.device_map}'")
         _check(not (self.device_map and self.streaming),
                "--streaming and --device-map both place layers; use one (--device-map also trains and cures)")
         _check(self.max_memory is None or self.device_map == "auto", "--max-memory needs --device-map auto")
-        _check(self.compensate in ("none", "replaceme", "linearpatch"),
-               f"--compensate must be none, replaceme or linearpatch, got '{self.compensate}'")
+        _one_of(self.compensate, COMPENSATIONS, "--compensate")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every setting, with the layout's CONFIG_VERSION."""
+        return {"version": CONFIG_VERSION, **asdict(self)}
+
+
+@dataclass
+class EvalConfig:
+    """What `foldgpt eval` and `foldgpt bench` measure of a model (evaluate.evaluate_model)."""
+
+    seq_len: int = 512  # perplexity windows
+    max_tokens: int | None = None  # at most this many predicted tokens of each text (whole windows)
+    batch_size: int = 4  # perplexity windows per forward pass
+    tasks: list[str] = field(default_factory=list)  # BIG-bench task.json (or folders) / JSONL files
+    task_limit: int | None = None  # first N examples of each task (and of each lm-eval task)
+    cloze: int = 0  # > 0: a LAMBADA-style cloze task of this many examples from the evaluation text
+    lm_eval: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks (optional extra)
+
+    def __post_init__(self):
+        _check(self.seq_len >= 2, "--seq-len must be >= 2")
+        _check(self.batch_size >= 1, "--batch-size must be >= 1")
+        _check(self.task_limit is None or self.task_limit >= 1, "--task-limit must be >= 1")
+        _check(self.cloze >= 0, "--cloze must be >= 0")
+
+
+def with_settings(cfg, settings: dict[str, object]):
+    """A copy of the configuration `cfg` with the fields at dotted paths set (`{"fold.adapter_rank": 16}`), every
+    part checked again afterwards."""
+    cfg = copy.deepcopy(cfg)
+    for path, value in settings.items():
+        *parents, leaf = path.split(".")
+        obj = cfg
+        for name in parents:
+            obj = _field(obj, name, path)
+        _field(obj, leaf, path)
+        setattr(obj, leaf, value)
+    _recheck(cfg)
+    return cfg
+
+
+def _field(obj, name: str, path: str):
+    if not (is_dataclass(obj) and name in {f.name for f in fields(obj)}):
+        raise FoldGPTError(f"unknown setting '{path}'")
+    return getattr(obj, name)
+
+
+def _recheck(obj) -> None:
+    for f in fields(obj):
+        if is_dataclass(value := getattr(obj, f.name)):
+            _recheck(value)
+    if hasattr(obj, "__post_init__"):
+        obj.__post_init__()

@@ -1,17 +1,25 @@
-"""Perplexity by the project's protocol: tokenize once, non-overlapping windows, BOS per window where
-the model needs it, exp(mean NLL) over every predicted token, plus bits per byte."""
+"""Evaluation of a model, the one path `foldgpt eval` and `foldgpt bench` share (evaluate_model): perplexity by
+the project's protocol (tokenize once, non-overlapping windows, BOS per window where the model needs it,
+exp(mean NLL) over every predicted token, plus bits per byte), zero-shot multiple-choice tasks (tasks.py,
+scoring.py), a cloze task (cloze.py) and, optionally, lm-evaluation-harness tasks."""
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .cloze import ClozeExample, evaluate_cloze
+from .config import EvalConfig
 from .errors import FoldGPTError
+from .scoring import evaluate_tasks
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,3 +79,50 @@ def perplexity(model: nn.Module, tokenizer, ids: torch.Tensor, seq_len: int, bos
         perplexity=math.exp(nll / count), nll=nll / count, tokens=count, bytes=n_bytes,
         bits_per_byte=nll / math.log(2) / max(1, n_bytes), seq_len=seq_len, windows=len(windows), bos=bos,
     )
+
+
+@dataclass
+class Evaluation:
+    """One model's results: perplexity per text, then (where asked) the tasks', the cloze task's and lm-eval's."""
+
+    perplexity: dict[str, PerplexityResult] = field(default_factory=dict)  # text name -> result
+    tasks: dict[str, dict] = field(default_factory=dict)  # task name -> {"task", "n", "acc", "acc_norm"}
+    cloze: dict | None = None  # {"n", "acc", "ppl", "tokens"}
+    lm_eval: dict | None = None  # lm-eval's per-task "results"
+
+
+def evaluate_model(model: nn.Module, tokenizer, bos: bool, texts: dict[str, torch.Tensor], cfg: EvalConfig,
+                   cloze: list[ClozeExample] | None = None) -> Evaluation:
+    """Evaluate `model`: the perplexity of each token stream of `texts` (name -> ids), the multiple-choice tasks of
+    `cfg.tasks`, the `cloze` examples (cloze.cloze_examples, built once for every model) and `cfg.lm_eval`."""
+    out = Evaluation()
+    for name, ids in texts.items():
+        res = perplexity(model, tokenizer, ids, cfg.seq_len, bos, cfg.max_tokens, cfg.batch_size)
+        log.info("%s: perplexity %.3f over %d tokens", name, res.perplexity, res.tokens)
+        out.perplexity[name] = res
+    if cfg.tasks:
+        out.tasks = evaluate_tasks(model, tokenizer, cfg.tasks, bos=bos, limit=cfg.task_limit)
+    if cloze is not None:
+        out.cloze = evaluate_cloze(model, tokenizer, cloze, bos=bos)
+    if cfg.lm_eval:
+        out.lm_eval = run_lm_eval(model, tokenizer, cfg.lm_eval, limit=cfg.task_limit)
+    return out
+
+
+def run_lm_eval(model: nn.Module, tokenizer, tasks: list[str], batch_size: int = 8,
+                limit: int | None = None) -> dict:
+    """Run lm-evaluation-harness tasks on an in-memory model; returns its per-task "results" dict."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise FoldGPTError("lm-eval is not installed: pip install 'foldgpt[eval]'") from None
+    if not tasks:
+        raise FoldGPTError("no lm-eval tasks given")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
+    except (OSError, ConnectionError) as exc:  # hub/datasets errors: offline, missing, unreachable
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FoldGPTError(f"cannot reach the data of lm-eval tasks {', '.join(tasks)}: {first}") from None
+    return dict(out["results"]) if out else {}

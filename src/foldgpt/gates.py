@@ -156,9 +156,10 @@ def _accumulate_kl(model: nn.Module, gates: GateSet, ids: torch.Tensor, micro: i
 
 
 def train_gates(model: nn.Module, adapter: Adapter, batches: torch.Tensor, to_remove: float,
-                cfg: GateConfig, seed: int = 0, protected: set[int] | None = None) -> GateResult:
-    """Learn gates on every unit's residual branch (weights frozen) and remove the lowest-gated units
-    until units worth `to_remove` (in cost units: parameters, or FLOPs for sub-blocks) are gone.
+                cfg: GateConfig, seed: int = 0, protected: set[int] | None = None, unit: str = "layer") -> GateResult:
+    """Learn gates on every unit's residual branch (`unit`: "layer" or "sublayer", attention and MLP apart;
+    weights frozen) and remove the lowest-gated units until units worth `to_remove` (in cost units: parameters, or
+    FLOPs for sub-blocks) are gone.
 
     Objective: KL(ungated model || gated model) + lambda_pol * R_pol(g), with the budget
     C(g) = sum(g c)/sum(c) held by projection. The removal happens over `cfg.rounds` rounds: each round
@@ -173,7 +174,6 @@ def train_gates(model: nn.Module, adapter: Adapter, batches: torch.Tensor, to_re
     KL + lambda_pol * R_pol + lambda_budget * (C(g) - target)^2 instead, as METHOD.md writes it.
     """
     torch.manual_seed(seed)
-    unit = cfg.fixed_unit
     names = unit_names(len(adapter.layers(model)), unit)
     costs = unit_costs(model, adapter, unit, "flops" if unit == "sublayer" else "params", batches.shape[1])
     param_costs = unit_costs(model, adapter, unit, "params", batches.shape[1])

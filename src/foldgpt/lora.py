@@ -5,6 +5,11 @@ rank-r adapter B @ A on each unique Linear of the surviving layers. The adapters
 (a child that borrows its parent's Linear runs the parent's adapter too, so a shared matrix stays
 shared) and are merged into the weights after the cure, so they add no parameters to the result.
 Merging writes a new weight tensor: the frozen original, which the teacher still uses, is untouched.
+
+Not peft: peft swaps each adapted Linear for a wrapper in its parent module, but a child's SharedLinear keeps
+calling the original Linear, so the child would run without the adapter that is merged into the weight it
+shares; and peft merges in place, into a weight the student shares with the teacher. A hook on the one shared
+Linear gives every position that runs it the same adapter, which merges exactly.
 """
 
 from __future__ import annotations

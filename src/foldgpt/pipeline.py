@@ -25,6 +25,7 @@ from .data import calibration_batches, load_text, needs_bos, tokenize
 from .errors import FoldGPTError
 from .fileio import write_json_atomic
 from .methods import Context, MethodInfo, get_method
+from .methods.greedy import SearchCache
 from .models import load_model
 from .plan import Plan
 from .structure import apply_plan_, flops_per_token, unique_params
@@ -136,13 +137,15 @@ class MethodRun:
     cure_info: dict
 
 
-def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> MethodRun:
-    """Plan (or re-apply `plan`), build the compressed model, cure it if asked, and measure it."""
+def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None,
+               searches: SearchCache | None = None) -> MethodRun:
+    """Plan (or re-apply `plan`), build the compressed model, cure it if asked, and measure it. `searches`: greedy
+    searches to reuse and continue (bench passes one for all its rows); None: every search runs afresh."""
     method = get_method(cfg.method)
-    if cfg.streaming and (cfg.method not in STREAMING_METHODS or cfg.cure):
+    if cfg.streaming and (cfg.method not in STREAMING_METHODS or cfg.cure.enabled):
         raise FoldGPTError(f"--streaming runs {', '.join(STREAMING_METHODS)} without a cure (one block on the "
-                           f"device at a time); '{cfg.method}'{' with a cure' if cfg.cure else ''} trains through "
-                           "the whole model: drop --streaming and use --micro-batch / --grad-checkpointing")
+                           f"device at a time); '{cfg.method}'{' with a cure' if cfg.cure.enabled else ''} trains "
+                           "through the whole model: drop --streaming and use --micro-batch / --grad-checkpointing")
     timer = Timer()
     timer.seconds.update(s.seconds)
     torch.manual_seed(cfg.seed)
@@ -150,7 +153,7 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> Met
     budget = plan_budget(s.dense, s.adapter, num_layers, cfg.target_params, cfg.remove_rate, cfg.remove_share,
                          cfg.fold.group_size if method.folds else 1, cfg.fold.adapter_rank,
                          cfg.fold.shared_linears or None, cfg.fold.child_gates)
-    if plan is None and cfg.method == "foldgpt" and cfg.ranking == "search" and budget.target_params is not None:
+    if plan is None and cfg.method == "foldgpt" and cfg.ranking.kind == "search" and budget.target_params is not None:
         log.info("budget: %s unique params of %s (the search chooses deletions and children)",
                  f"{int(budget.target_params):,}", f"{int(budget.base_params):,}")
     else:
@@ -158,7 +161,7 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> Met
                  budget.n_remove, budget.n_fold, f"{int(budget.predicted_params):,}", f"{int(budget.base_params):,}")
     if cfg.compensate != "none":  # an architecture it cannot merge into: fail before planning, not after
         check_compensable(s.adapter, s.dense.config.model_type, cfg.compensate)
-    ctx = Context(s.dense, s.adapter, s.calib, cfg, budget, s.bos, s.similarity)
+    ctx = Context(s.dense, s.adapter, s.calib, cfg, budget, s.bos, s.similarity, searches=searches)
     with timer.stage("Planning" if plan is None else "Applying plan", 3, 6):
         if plan is not None:
             if plan.num_layers != num_layers or plan.model_type != s.dense.config.model_type:
@@ -181,11 +184,11 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None) -> Met
             ctx.info.compensation = apply_compensation_(student, s.dense, the_plan, s.adapter,
                                                         s.calib[:COMPENSATION_WINDOWS], skip_first=s.bos)
     held = s.held()
-    do_cure = method.cures_by_default if cfg.cure is None else cfg.cure
+    do_cure = method.cures_by_default if cfg.cure.enabled is None else cfg.cure.enabled
     with timer.stage("Curing", 4, 6):
         loss_before_cure = calibration_loss(student, held)
-        cure_seed = cfg.seed if cfg.cure_cfg.seed is None else cfg.cure_cfg.seed
-        cure_info = (run_cure(student, s.dense, s.adapter, s.calib, cfg.cure_cfg, seed=cure_seed) if do_cure
+        cure_seed = cfg.seed if cfg.cure.seed is None else cfg.cure.seed
+        cure_info = (run_cure(student, s.dense, s.adapter, s.calib, cfg.cure, seed=cure_seed) if do_cure
                      else {"steps": 0, "trainable_params": 0, "history": []})
     with timer.stage("Measuring", 5, 6):
         summary = summary_dict(s, student, the_plan, loss_before_cure, cure_info, cfg, budget, do_cure)

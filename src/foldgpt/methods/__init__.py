@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -13,6 +14,9 @@ from ..budget import Budget
 from ..config import CompressConfig
 from ..errors import FoldGPTError
 from ..plan import Plan
+
+if TYPE_CHECKING:
+    from .greedy import SearchCache
 
 
 @dataclass
@@ -47,6 +51,7 @@ class Context:
     similarity: torch.Tensor | None = None  # (L+1, L+1) mean cosine, from the analysis
     info: MethodInfo = field(default_factory=MethodInfo)  # what the method records beside its plan
     fits: object | None = None  # fit.ChildFits of the dense model, built on first use (child_fits)
+    searches: SearchCache | None = None  # finished greedy searches to reuse and continue; None: none kept
 
     @property
     def num_layers(self) -> int:
@@ -92,7 +97,7 @@ def make_plan(cfg: CompressConfig, model, adapter: Adapter, removed: list[str], 
         position_gates=cfg.fold.position_gates,
         child_gates=kw.pop("child_gates", {}),
         across_kinds=kw.pop("across_kinds", cfg.fold.across_kinds),
-        unit=kw.pop("unit", None) or fixed or cfg.gate.fixed_unit,
+        unit=kw.pop("unit", None) or fixed or cfg.ranking.fixed_unit,
         compensation=compensation,
         **kw,
     )

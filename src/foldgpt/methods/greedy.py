@@ -4,7 +4,11 @@
 Scores come from `streaming.StreamedNLL`: each greedy step caches every layer's input under the current
 removals once, and a trial that changes layer l reruns only layers l..L (about half the work of whole
 forward passes, same scores: tested against `calibration_nll`). With `--streaming` the model stays on
-the CPU and one block at a time runs on the device."""
+the CPU and one block at a time runs on the device.
+
+A `SearchCache` on the method's Context (`foldgpt bench` passes one per run) keeps finished searches: each step
+depends only on the steps before it, so a longer search's prefix is a shorter search's answer, and a shorter one
+can be continued."""
 
 from __future__ import annotations
 
@@ -12,17 +16,16 @@ import hashlib
 import json
 import logging
 import time
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import FoldGPTError
+from ..fileio import write_json_atomic
 from ..gates import GateSet, unit_names
-from ..plan import write_json_atomic
 from . import Context
 
 log = logging.getLogger(__name__)
@@ -39,54 +42,58 @@ def calibration_nll(model, ids: torch.Tensor, batch_size: int = 4) -> float:
     return total / n
 
 
-# Finished greedy searches, so methods that share one (SLEB and FoldGPT's ranking in one bench) run it once.
-# key -> (weak reference to the model, removal order, NLLs, seconds spent up to each step). Each step depends
-# only on the steps before it, so a longer search's prefix is a shorter search's answer, and a shorter one can
-# be continued.
-_MEMO: dict[tuple, tuple] = {}
-# Where finished steps are also written (`foldgpt bench` sets it beside its output), so a stopped run continues a
-# search instead of starting it again: one JSON file per search, named by a digest of what the search depends on.
-SEARCH_DIR: Path | None = None
+@dataclass
+class SavedSearch:
+    """A greedy search so far: the removed units in order, the NLL after each, and the seconds spent up to each."""
+
+    order: list[int]
+    nll: list[float]
+    seconds: list[float]
 
 
-@contextmanager
-def searches_in(folder: Path | None) -> Iterator[None]:
-    """Save (and continue) greedy searches in `folder` inside the block; the old setting returns afterwards, even
-    on an error, so a failed run does not leave later runs in the same process writing there."""
-    global SEARCH_DIR
-    old, SEARCH_DIR = SEARCH_DIR, folder
-    try:
-        yield
-    finally:
-        SEARCH_DIR = old
+class SearchCache:
+    """Finished greedy searches of one run, so methods that share one (SLEB and FoldGPT's greedy ranking in one
+    bench) run it once. With `folder`, every step is also written there (one JSON file per search, named by a digest
+    of what the search depends on), so a stopped run continues a search instead of starting it again."""
+
+    def __init__(self, folder: str | Path | None = None):
+        self.folder = Path(folder) if folder is not None else None
+        self.searches: dict[str, SavedSearch] = {}  # key -> the longest search of that key so far
+
+    def get(self, key: str) -> SavedSearch | None:
+        """The search saved under `key`, from memory or else from the folder."""
+        if key in self.searches or self.folder is None:
+            return self.searches.get(key)
+        path = self.folder / f"search-{key}.json"
+        if not path.is_file():
+            return None
+        try:
+            d = json.loads(path.read_text())
+            found = SavedSearch(list(d["order"]), list(d["nll"]), list(d["seconds"]))
+        except (OSError, ValueError, KeyError):
+            return None
+        log.info("continuing the greedy search saved in %s", path)
+        self.searches[key] = found
+        return found
+
+    def put(self, key: str, search: SavedSearch) -> None:
+        self.searches[key] = search
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.folder / f"search-{key}.json",
+                              {"order": search.order, "nll": search.nll, "seconds": search.seconds})
 
 
-def _disk_key(ctx: Context, unit: str, costs: list[float], ids: torch.Tensor) -> str:
-    """A digest of the model (name, size, a few weights), the windows and the search's settings."""
+def search_key(ctx: Context, unit: str, costs: list[float], ids: torch.Tensor) -> str:
+    """A digest of what a search depends on: the model (name, size, a few weights), the windows, the unit, the costs,
+    the protected layers, and where the scores run (streamed scores differ in the last digits)."""
     h = hashlib.sha256()
     first = next(iter(ctx.adapter.layers(ctx.model)[0].parameters()))
     h.update(repr((getattr(ctx.model.config, "_name_or_path", ""), sum(p.numel() for p in ctx.model.parameters()),
                    float(first.detach().float().flatten()[:4096].double().sum()), unit, [round(c, 6) for c in costs],
-                   sorted(ctx.protected()))).encode())
+                   sorted(ctx.protected()), ctx.cfg.streaming)).encode())
     h.update(ids.cpu().numpy().tobytes())
     return h.hexdigest()[:24]
-
-
-def _disk_load(name: str) -> tuple[list[int], list[float], list[float]] | None:
-    if SEARCH_DIR is None or not (SEARCH_DIR / name).is_file():
-        return None
-    try:
-        d = json.loads((SEARCH_DIR / name).read_text())
-        return list(d["order"]), list(d["nll"]), list(d["seconds"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _disk_save(name: str, order: list[int], nlls: list[float], seconds: list[float]) -> None:
-    if SEARCH_DIR is None:
-        return
-    SEARCH_DIR.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(SEARCH_DIR / name, {"order": order, "nll": nlls, "seconds": seconds})
 
 
 def _add_reused(ctx: Context, seconds: float) -> None:
@@ -94,49 +101,37 @@ def _add_reused(ctx: Context, seconds: float) -> None:
     ctx.info.reused_search_seconds += seconds
 
 
-def _memo_key(ctx: Context, unit: str, costs: list[float], ids: torch.Tensor) -> tuple:
-    return (id(ctx.model), ids.data_ptr(), tuple(ids.shape), int(ids[:, :8].sum()), unit, tuple(costs),
-            tuple(sorted(ctx.protected())), ctx.cfg.streaming, str(ctx.cfg.device))
-
-
 @torch.no_grad()
 def greedy_removal(ctx: Context, unit: str, costs: list[float], need: float, label: str,
                    whole_forward: bool = False) -> tuple[list[int], list[float]]:
     """Remove units (`unit`: "layer" or "sublayer") greedily until their `costs` sum to `need`.
     Returns (removed unit indices in removal order, the calibration NLL after each removal).
-    `whole_forward` scores every trial with a whole forward pass instead (the reference path)."""
+    `whole_forward` scores every trial with a whole forward pass instead (the reference path, never cached)."""
     ids = ctx.calib[: ctx.cfg.fold.cost_batch * 4]  # a few calibration windows
-    key = _memo_key(ctx, unit, costs, ids)
-    disk = f"search-{_disk_key(ctx, unit, costs, ids)}.json" if SEARCH_DIR is not None and not whole_forward else ""
+    cache = None if whole_forward else ctx.searches
+    key = search_key(ctx, unit, costs, ids) if cache is not None else ""
+    hit = cache.get(key) if cache is not None else None
     start: tuple[list[int], list[float]] = ([], [])
-    hit = _MEMO.get(key)
-    if (hit is None or hit[0]() is not ctx.model) and disk and (found := _disk_load(disk)) is not None:
-        log.info("%s: continuing the greedy search saved in %s", label, SEARCH_DIR / disk)
-        hit = (weakref.ref(ctx.model), *found)
     clock: list[float] = []
-    if not whole_forward and hit is not None and hit[0]() is ctx.model:
-        order, nlls, clock = hit[1], hit[2], hit[3]
+    if hit is not None:
+        clock = list(hit.seconds)
         saved, n = 0.0, 0
-        while n < len(order) and saved < need - 1e-9:
-            saved += costs[order[n]]
+        while n < len(hit.order) and saved < need - 1e-9:
+            saved += costs[hit.order[n]]
             n += 1
         if saved >= need - 1e-9:
             log.info("%s: reusing an earlier greedy search of this model and calibration set", label)
             _add_reused(ctx, clock[n - 1])  # what the search cost when it ran
-            return list(order[:n]), list(nlls[:n])
-        start = (list(order), list(nlls))
+            return list(hit.order[:n]), list(hit.nll[:n])
+        start = (list(hit.order), list(hit.nll))
         _add_reused(ctx, clock[-1] if clock else 0.0)
     base = clock[-1] if clock else 0.0
 
     def on_step(order: list[int], scores: list[float], steps: list[float]) -> None:
-        if disk:
-            _disk_save(disk, order, scores, list(clock) + [base + t for t in steps])
+        if cache is not None:
+            cache.put(key, SavedSearch(list(order), list(scores), clock + [base + t for t in steps]))
 
-    removed, nlls, steps = _search(ctx, unit, costs, need, label, ids, whole_forward, start, on_step=on_step)
-    if not whole_forward:
-        for k in [k for k, v in _MEMO.items() if v[0]() is not ctx.model]:
-            del _MEMO[k]  # one model at a time: do not keep scores of models that are gone
-        _MEMO[key] = (weakref.ref(ctx.model), list(removed), list(nlls), list(clock) + [base + t for t in steps])
+    removed, nlls, _ = _search(ctx, unit, costs, need, label, ids, whole_forward, start, on_step=on_step)
     return removed, nlls
 
 
