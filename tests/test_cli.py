@@ -16,6 +16,7 @@ def test_compress_cli_end_to_end_and_plan_reuse(tiny_dirs, text_file, eval_file,
 
     config = json.loads((out / "plan.json").read_text())["provenance"]["config"]
     assert config["version"] == CONFIG_VERSION and config["cure"]["steps"] == 1 and config["target_params"] == 0.8
+    assert summary["config"] == config
     # shortgpt at the same target, and the plan re-applied
     proc = run_cli("compress", tiny_dirs["gemma3"], "--text", text_file, "--out", tmp_path / "sg",
                    "--method", "shortgpt", "--target-params", "0.8", *FAST)

@@ -228,6 +228,7 @@ def summary_dict(s: Session, student, plan: Plan, loss_before_cure: float, cure_
         "cure_steps": cure_info.get("steps", 0),
         "trainable_params": cure_info.get("trainable_params", 0),
         "budget": {"n_remove": budget.n_remove, "n_fold": budget.n_fold},
+        "config": cfg.to_dict(),  # every setting, with the layout's CONFIG_VERSION
     }
 
 
