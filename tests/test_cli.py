@@ -72,3 +72,19 @@ def test_cli_defaults_are_the_dataclasses_defaults():
     assert re.search(rf"--seq-len SEQ_LEN default: {CompressConfig().seq_len}\b", compress_help)
     eval_help = " ".join(sub["eval"].format_help().split())
     assert re.search(rf"--seq-len SEQ_LEN default: {EvalConfig().seq_len}\b", eval_help)
+
+
+def test_bench_cli_runs_rows_with_tasks_and_cloze(tiny_dirs, text_file, eval_file, tmp_path):
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"context": "It is a truth", "choices": [" universally", " dog"], "answer": 0}\n')
+    out = tmp_path / "b"
+    proc = run_cli("bench", tiny_dirs["llama"], "--methods", "random", "--targets", "0.8", "--text", text_file,
+                   "--eval-text", eval_file, "--out", out, "--cure", "--tasks", task, "--cloze", "3",
+                   "--eval-seq-len", "32", "--seq-len", "32", "--calib-seqs", "16", "--cure-steps", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["cure"]) for r in rows] == [("dense", False), ("random", False), ("random", True)]
+    assert set(rows[1]["tasks"]) == {"t", "cloze"} and set(rows[1]["tasks_acc_norm"]) == {"t"}
+    command = json.loads((out / "command.json").read_text())
+    assert command["evaluation"]["seq_len"] == 32 and command["evaluation"]["cloze"] == 3
+    assert command["base"]["cure"]["steps"] == 1 and "version" in command["base"]
