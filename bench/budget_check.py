@@ -14,11 +14,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from foldgpt.adapters import get_adapter  # noqa: E402
-from foldgpt.budget import plan_budget  # noqa: E402
 from foldgpt.config import CompressConfig  # noqa: E402
 from foldgpt.errors import FoldGPTError  # noqa: E402
 from foldgpt.models import load_model  # noqa: E402
-from foldgpt.structure import layer_params, unique_params  # noqa: E402
+from foldgpt.stages.budget import plan_budget  # noqa: E402
+from foldgpt.stages.structure import layer_params, unique_params  # noqa: E402
 
 
 def check(name: str, targets: list[float]) -> dict:

@@ -38,9 +38,9 @@ def main() -> None:
     args = ap.parse_args()
     from foldgpt.adapters import get_adapter
     from foldgpt.data import calibration_batches, load_text, needs_bos, tokenize
-    from foldgpt.fit import ChildFits
     from foldgpt.models import load_model
-    from foldgpt.streaming import layer_inputs
+    from foldgpt.scale.streaming import layer_inputs
+    from foldgpt.stages.fit import ChildFits
 
     torch.manual_seed(0)
     ranks = [int(r) for r in args.ranks.split(",")]

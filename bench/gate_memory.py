@@ -28,7 +28,7 @@ def one(shape: str, steps: int, micro: int, ckpt: bool, seq_len: int, batch: int
 
     from foldgpt.adapters import get_adapter
     from foldgpt.config import GateConfig
-    from foldgpt.gates import train_gates
+    from foldgpt.stages.gates import train_gates
 
     model = random_model(shape, torch.float32)
     adapter = get_adapter(model.config)

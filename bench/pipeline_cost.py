@@ -68,12 +68,12 @@ def main(argv=None) -> dict:
     from shapes import byte_tokenizer, random_model
 
     from foldgpt.adapters import get_adapter
-    from foldgpt.analysis import analysis_dict, similarity
     from foldgpt.config import CompressConfig, CureConfig, GateConfig
     from foldgpt.data import Corpus, _builtin_text, calibration_batches, tokenize
     from foldgpt.pipeline import Session, run_method
-    from foldgpt.placement import apply as place
-    from foldgpt.placement import plan as plan_placement
+    from foldgpt.scale.placement import apply as place
+    from foldgpt.scale.placement import plan as plan_placement
+    from foldgpt.stages.analysis import analysis_dict, similarity
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     gpu = a.device.startswith("cuda")

@@ -46,8 +46,8 @@ def main(argv=None) -> None:
     from foldgpt.fileio import write_json_atomic
     from foldgpt.methods.greedy import calibration_nll
     from foldgpt.pipeline import prepare
-    from foldgpt.structure import apply_plan_
-    from foldgpt.weights import clone_sharing_weights
+    from foldgpt.stages.structure import apply_plan_
+    from foldgpt.stages.weights import clone_sharing_weights
 
     text = [str(Path(a.data) / "corpora/austen" / f"austen_{n}.txt") for n in NOVELS]
     base = CompressConfig()

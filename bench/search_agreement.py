@@ -37,11 +37,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4, help="windows of the reference (the variants use half)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    from foldgpt.budget import plan_budget
     from foldgpt.config import CompressConfig
     from foldgpt.methods import Context
     from foldgpt.methods.search import _Scorer, layer_costs, ranks_for, transitions
     from foldgpt.pipeline import prepare
+    from foldgpt.stages.budget import plan_budget
 
     data = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")) / "corpora" / "austen"
     cfg = CompressConfig()

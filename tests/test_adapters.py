@@ -19,15 +19,15 @@ from tinymodels import save_tiny, tiny_config, tiny_model
 from torch import nn
 
 import foldgpt
-from foldgpt import placement
 from foldgpt.adapters import get_adapter, supported_types
-from foldgpt.compensate import apply_compensation_
-from foldgpt.export import export_dense
+from foldgpt.checkpoint.export import export_dense
 from foldgpt.methods import get_method
 from foldgpt.plan import Plan
-from foldgpt.streaming import _final_logits, streamed_hidden_states
-from foldgpt.structure import apply_plan_, unique_params
-from foldgpt.weights import clone_sharing_weights
+from foldgpt.scale import placement
+from foldgpt.scale.streaming import _final_logits, streamed_hidden_states
+from foldgpt.stages.compensate import apply_compensation_
+from foldgpt.stages.structure import apply_plan_, unique_params
+from foldgpt.stages.weights import clone_sharing_weights
 
 FAMILIES = ["llama", "qwen2", "gemma3", "phi3", "gpt_neox"]
 IDS = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(5))

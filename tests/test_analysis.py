@@ -3,8 +3,8 @@ import math
 import torch
 
 from foldgpt.adapters import get_adapter
-from foldgpt.analysis import angular_distance, block_influence, capture_hidden, cosine_matrix_sums, similarity
 from foldgpt.models import load_model
+from foldgpt.stages.analysis import angular_distance, block_influence, capture_hidden, cosine_matrix_sums, similarity
 
 
 def test_last_block_output_is_taken_before_final_norm(tiny_dirs):

@@ -10,8 +10,11 @@ from test_peers import session as _peer_session
 
 import foldgpt
 from foldgpt.adapters import get_adapter
-from foldgpt.budget import plan_budget
-from foldgpt.compensate import (
+from foldgpt.methods import METHODS, Context, get_method, make_plan
+from foldgpt.pipeline import calibration_loss
+from foldgpt.plan import COMPENSATION_VERSION, Plan
+from foldgpt.stages.budget import plan_budget
+from foldgpt.stages.compensate import (
     CutStats,
     apply_compensation_,
     check_compensable,
@@ -21,11 +24,8 @@ from foldgpt.compensate import (
     solve_least_squares,
     solve_linearpatch,
 )
-from foldgpt.methods import METHODS, Context, get_method, make_plan
-from foldgpt.pipeline import calibration_loss
-from foldgpt.plan import COMPENSATION_VERSION, Plan
-from foldgpt.structure import apply_plan_, unique_params
-from foldgpt.weights import clone_sharing_weights
+from foldgpt.stages.structure import apply_plan_, unique_params
+from foldgpt.stages.weights import clone_sharing_weights
 
 
 def session(path, text_file):
@@ -207,7 +207,7 @@ def test_cli_reports_the_refusal_as_one_line(tiny_dirs, text_file, tmp_path, cap
 # ---- methods, plan, config, CLI -----------------------------------------------------------------------------------
 def test_peers_are_registered_and_hit_the_budget(tiny_dirs, text_file):
     model, adapter, calib, bos = session(tiny_dirs["llama"], text_file)
-    from foldgpt.analysis import similarity
+    from foldgpt.stages.analysis import similarity
 
     sim = similarity(model, adapter, calib[:16], skip_first=bos)
     for name in ("replaceme", "linearpatch"):

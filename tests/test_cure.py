@@ -2,12 +2,12 @@ import torch
 
 from foldgpt.adapters import get_adapter
 from foldgpt.config import CureConfig
-from foldgpt.cure import cure, tail_mse, trainable_parameters
 from foldgpt.data import calibration_batches, tokenize
 from foldgpt.models import load_model
 from foldgpt.plan import Plan
-from foldgpt.structure import SharedLinear, apply_plan_
-from foldgpt.weights import clone_sharing_weights
+from foldgpt.stages.cure import cure, tail_mse, trainable_parameters
+from foldgpt.stages.structure import SharedLinear, apply_plan_
+from foldgpt.stages.weights import clone_sharing_weights
 
 
 def _setup(tiny_dirs, text_file):
@@ -55,7 +55,7 @@ def test_tail_mse_is_normalised_and_aligned_from_the_end():
 
 
 def test_cure_adapters_merge_into_new_weights_and_are_shared_by_children(tiny_dirs, text_file):
-    from foldgpt.lora import MergeableLoRA, unique_linears
+    from foldgpt.stages.lora import MergeableLoRA, unique_linears
 
     dense, student, adapter, calib = _setup(tiny_dirs, text_file)
     linears = unique_linears(student, adapter)
@@ -83,7 +83,7 @@ def test_cure_adapters_merge_into_new_weights_and_are_shared_by_children(tiny_di
 
 
 def test_cure_with_adapters_keeps_unique_parameter_count(tiny_dirs, text_file):
-    from foldgpt.structure import unique_params
+    from foldgpt.stages.structure import unique_params
 
     dense, student, adapter, calib = _setup(tiny_dirs, text_file)
     n = unique_params(student)

@@ -10,12 +10,12 @@ import torch.multiprocessing as mp
 
 from foldgpt.adapters import get_adapter
 from foldgpt.config import CureConfig
-from foldgpt.cure import cure
 from foldgpt.data import calibration_batches, tokenize
 from foldgpt.models import load_model
 from foldgpt.plan import Plan
-from foldgpt.structure import apply_plan_
-from foldgpt.weights import clone_sharing_weights
+from foldgpt.stages.cure import cure
+from foldgpt.stages.structure import apply_plan_
+from foldgpt.stages.weights import clone_sharing_weights
 
 # fp32: these runs must agree to float rounding; under bf16 autocast (what "auto" resolves to on a CPU with bf16
 # instructions) an fp32 sum in another order can flip a weight's bf16 rounding in the next step

@@ -7,7 +7,7 @@ from test_errors import run_cli
 
 import foldgpt
 from foldgpt.data import tokenize
-from foldgpt.evaluate import make_windows, perplexity
+from foldgpt.evaluation.evaluate import make_windows, perplexity
 from foldgpt.models import load_model
 
 

@@ -9,13 +9,13 @@ from test_peers import make_ctx as _make_ctx
 
 import foldgpt
 from foldgpt.adapters import get_adapter
-from foldgpt.cure import trainable_parameters
 from foldgpt.methods import get_method
 from foldgpt.methods import greedy as greedy_mod
 from foldgpt.methods.children import CHILD_GATE_GRID
 from foldgpt.models import load_model
 from foldgpt.plan import Plan
-from foldgpt.structure import unique_params
+from foldgpt.stages.cure import trainable_parameters
+from foldgpt.stages.structure import unique_params
 
 
 def make_ctx(*args, searches=None, **kw):
@@ -121,7 +121,7 @@ def test_a_stopped_greedy_search_continues_from_disk(tiny_dirs, text_file, monke
 def test_child_gates_save_load_and_dense_export(tiny_dirs, text_file, tmp_path, kind, plan_kw):
     from transformers import AutoModelForCausalLM
 
-    from foldgpt.export import export_dense
+    from foldgpt.checkpoint.export import export_dense
 
     model, _ = load_model(str(tiny_dirs[kind]))
     kinds = get_adapter(model.config).layer_kinds(model.config)

@@ -4,8 +4,8 @@ import torch
 from foldgpt.adapters import get_adapter
 from foldgpt.config import GateConfig
 from foldgpt.data import calibration_batches, tokenize
-from foldgpt.gates import polarization, project_budget, train_gates
 from foldgpt.models import load_model
+from foldgpt.stages.gates import polarization, project_budget, train_gates
 
 
 def _calib(tok, text_file, n=32):

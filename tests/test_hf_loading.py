@@ -12,7 +12,7 @@ from helpers import fast_config
 from safetensors import safe_open
 
 import foldgpt
-from foldgpt.export import export_dense
+from foldgpt.checkpoint.export import export_dense
 
 
 @pytest.fixture(scope="module")

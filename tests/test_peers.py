@@ -9,16 +9,16 @@ from helpers import fast_config
 
 import foldgpt
 from foldgpt.adapters import get_adapter
-from foldgpt.analysis import similarity
-from foldgpt.budget import plan_budget
 from foldgpt.data import calibration_batches, load_text, needs_bos, tokenize
 from foldgpt.methods import METHODS, Context, get_method, make_plan
 from foldgpt.methods.blockpruner import sublayer_params
 from foldgpt.methods.laco import laco
 from foldgpt.models import load_model
 from foldgpt.plan import Plan
-from foldgpt.structure import apply_plan_, unique_params
-from foldgpt.weights import clone_sharing_weights
+from foldgpt.stages.analysis import similarity
+from foldgpt.stages.budget import plan_budget
+from foldgpt.stages.structure import apply_plan_, unique_params
+from foldgpt.stages.weights import clone_sharing_weights
 
 PEERS = ["shortgpt", "random", "angular", "sleb", "blockpruner", "laco"]
 TARGET = 0.8

@@ -6,14 +6,14 @@ import torch
 from helpers import fast_config
 
 import foldgpt
-from foldgpt import placement as P
 from foldgpt.adapters import get_adapter
 from foldgpt.errors import FoldGPTError
 from foldgpt.models import load_model
 from foldgpt.plan import Plan
-from foldgpt.precision import set_checkpointing
-from foldgpt.structure import apply_plan_
-from foldgpt.weights import clone_sharing_weights
+from foldgpt.scale import placement as P
+from foldgpt.scale.precision import set_checkpointing
+from foldgpt.stages.structure import apply_plan_
+from foldgpt.stages.weights import clone_sharing_weights
 
 
 def test_parse_sizes_and_max_memory():
@@ -127,7 +127,7 @@ def test_placement_options_fail_in_one_line(tiny_dirs, text_file, tmp_path):
 
 
 def test_a_trial_fold_runs_where_the_borrowed_weights_live(tiny_dirs):
-    from foldgpt.fold import borrowed_weights
+    from foldgpt.stages.fold import borrowed_weights
 
     model, _ = load_model(str(tiny_dirs["llama"]))
     adapter = get_adapter(model.config)

@@ -4,7 +4,7 @@ else fp32; explicit precisions pass through."""
 import pytest
 import torch
 
-import foldgpt.precision as precision
+import foldgpt.scale.precision as precision
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -6,7 +6,7 @@ from helpers import fast_config
 from safetensors import safe_open
 
 import foldgpt
-from foldgpt.structure import unique_params
+from foldgpt.stages.structure import unique_params
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])

@@ -8,12 +8,12 @@ from helpers import fast_config
 from test_peers import make_ctx
 
 import foldgpt
+from foldgpt.checkpoint.modeling_foldgpt import SharedLinear
 from foldgpt.errors import FoldGPTError
-from foldgpt.fit import ChildFits, lowrank_fit, lstsq_alpha, whitening
 from foldgpt.methods.search import KEEP, LayerCosts, spend_slack, transitions
-from foldgpt.modeling_foldgpt import SharedLinear
-from foldgpt.structure import apply_plan_, unique_params
-from foldgpt.weights import clone_sharing_weights
+from foldgpt.stages.fit import ChildFits, lowrank_fit, lstsq_alpha, whitening
+from foldgpt.stages.structure import apply_plan_, unique_params
+from foldgpt.stages.weights import clone_sharing_weights
 
 
 def _data(seed=0, n=400, d_in=24, d_out=16):
@@ -143,7 +143,7 @@ def test_compress_with_the_search_saves_a_folder_that_reloads_and_exports(tiny_d
     res = foldgpt.compress(str(tiny_dirs["qwen2"]), [str(text_file)], tmp_path / "out", fast_config(target_params=0.6))
     model, _ = foldgpt.load(tmp_path / "out")
     ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-    from foldgpt.export import to_dense
+    from foldgpt.checkpoint.export import to_dense
 
     with torch.no_grad():
         a = model(input_ids=ids).logits
@@ -167,7 +167,7 @@ def test_cure_trains_fitted_factors_at_a_scaled_learning_rate(tiny_dirs, text_fi
     if not plan.groups:
         pytest.skip("the search chose no child on this model")
     from foldgpt.config import CureConfig
-    from foldgpt.cure import cure
+    from foldgpt.stages.cure import cure
 
     moved = {}
     for scale in (0.0, 1.0):

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from foldgpt.adapters import get_adapter
-from foldgpt.analysis import similarity
 from foldgpt.models import load_model
-from foldgpt.streaming import streamed_similarity
+from foldgpt.scale.streaming import streamed_similarity
+from foldgpt.stages.analysis import similarity
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])

@@ -6,8 +6,8 @@ import foldgpt
 from foldgpt.adapters import get_adapter
 from foldgpt.models import load_model
 from foldgpt.plan import Plan
-from foldgpt.structure import SharedLinear, apply_plan_, unique_params
-from foldgpt.weights import clone_sharing_weights
+from foldgpt.stages.structure import SharedLinear, apply_plan_, unique_params
+from foldgpt.stages.weights import clone_sharing_weights
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])

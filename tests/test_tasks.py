@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from foldgpt import cloze, scoring, tasks
 from foldgpt.errors import FoldGPTError
-from foldgpt.evaluate import run_lm_eval
-from foldgpt.scoring import Score
-from foldgpt.tasks import Example, Task
+from foldgpt.evaluation import cloze, scoring, tasks
+from foldgpt.evaluation.evaluate import run_lm_eval
+from foldgpt.evaluation.scoring import Score
+from foldgpt.evaluation.tasks import Example, Task
 
 BIGBENCH = Path("/work/shared/data/bigbench")
 

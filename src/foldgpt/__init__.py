@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .api import analyze, compress, evaluate, load
+from .checkpoint.auto import register_auto_classes as _register_auto_classes
 from .config import CompressConfig, CureConfig, EvalConfig, FoldConfig, GateConfig, RankingConfig
 from .errors import FoldGPTError
 from .plan import Plan
@@ -22,19 +23,6 @@ __all__ = [
     "evaluate",
     "load",
 ]
-
-
-def _register_auto_classes() -> None:
-    """`import foldgpt` makes AutoConfig / AutoModelForCausalLM load folded checkpoints natively."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .modeling_foldgpt import FoldGPTConfig, FoldGPTForCausalLM
-
-    try:
-        AutoConfig.register("foldgpt", FoldGPTConfig)
-        AutoModelForCausalLM.register(FoldGPTConfig, FoldGPTForCausalLM)
-    except ValueError:  # already registered (module reloaded)
-        pass
 
 
 _register_auto_classes()

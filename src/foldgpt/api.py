@@ -12,21 +12,21 @@ from pathlib import Path
 
 import torch
 
-from . import placement
 from .adapters import get_adapter
-from .analysis import analysis_dict, similarity
-from .cloze import cloze_examples
 from .config import CompressConfig, EvalConfig, with_settings
-from .cure import dist_info
 from .data import calibration_batches, load_text, needs_bos, tokenize
 from .errors import FoldGPTError
-from .evaluate import evaluate_model
+from .evaluation.cloze import cloze_examples
+from .evaluation.evaluate import evaluate_model
 from .fileio import atomic_dir, write_json_atomic
 from .methods import get_method
 from .models import load_model
 from .pipeline import prepare, run_method, write_outputs
 from .plan import Plan
-from .structure import unique_params
+from .scale import placement
+from .stages.analysis import analysis_dict, similarity
+from .stages.cure import dist_info
+from .stages.structure import unique_params
 
 log = logging.getLogger(__name__)
 

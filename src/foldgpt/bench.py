@@ -20,14 +20,14 @@ from pathlib import Path
 from .config import CompressConfig, EvalConfig, with_settings
 from .data import load_text, tokenize
 from .errors import FoldGPTError
-from .evaluate import Evaluation, evaluate_model
+from .evaluation.evaluate import Evaluation, evaluate_model
 from .fileio import atomic_dir, write_json_atomic
 from .methods import get_method
 from .methods.greedy import SearchCache
 from .pipeline import prepare, run_method
 from .plan import Plan
 from .report import fmt_int, markdown_table, ppl, write_bench_figures
-from .structure import flops_per_token, unique_params
+from .stages.structure import flops_per_token, unique_params
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
     if Path(out).exists() and not overwrite:
         raise FoldGPTError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     if evaluation.tasks:
-        from .tasks import load_task
+        from .evaluation.tasks import load_task
 
         for spec in evaluation.tasks:  # fail before hours of compute, not after
             load_task(spec, limit=evaluation.task_limit)
@@ -222,7 +222,7 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
     eval_ids = {Path(spec).name: tokenize(tok, load_text([spec], split="test").text) for spec in eval_text}
     cloze_set = None
     if evaluation.cloze:
-        from .cloze import cloze_examples
+        from .evaluation.cloze import cloze_examples
 
         cloze_set = cloze_examples(load_text([eval_text[0]]).text, n=evaluation.cloze, seed=base.seed)
 

@@ -76,7 +76,7 @@ def _bench(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_dense
+    from .checkpoint.export import export_dense
 
     print(f"wrote {export_dense(args.model_dir, args.dense, args.overwrite)}")
     return 0

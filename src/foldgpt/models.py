@@ -116,7 +116,7 @@ def load_model(source: str, convert_cache: str | Path | None = None, dtype: torc
 
     path = resolve(source, convert_cache)
     if (Path(path) / "fold_config.json").exists() or _is_foldgpt_folder(path):
-        from .folded import load_folded
+        from .checkpoint.folded import load_folded
 
         return load_folded(path)
     try:

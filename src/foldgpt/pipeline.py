@@ -13,14 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import __version__, placement
+from . import __version__
 from .adapters import get_adapter
-from .analysis import analysis_dict, similarity
-from .budget import plan_budget
-from .compensate import CALIB_WINDOWS as COMPENSATION_WINDOWS
-from .compensate import apply_compensation_, check_compensable
 from .config import CompressConfig
-from .cure import cure as run_cure
 from .data import calibration_batches, load_text, needs_bos, tokenize
 from .errors import FoldGPTError
 from .fileio import write_json_atomic
@@ -28,8 +23,14 @@ from .methods import Context, MethodInfo, get_method
 from .methods.greedy import SearchCache
 from .models import load_model
 from .plan import Plan
-from .structure import apply_plan_, flops_per_token, unique_params
-from .weights import clone_sharing_weights
+from .scale import placement
+from .stages.analysis import analysis_dict, similarity
+from .stages.budget import plan_budget
+from .stages.compensate import CALIB_WINDOWS as COMPENSATION_WINDOWS
+from .stages.compensate import apply_compensation_, check_compensable
+from .stages.cure import cure as run_cure
+from .stages.structure import apply_plan_, flops_per_token, unique_params
+from .stages.weights import clone_sharing_weights
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def prepare(model: str, text: list[str] | str | None, cfg: CompressConfig,
         log.info("calibration: %d tokens of text, %d windows of %d", ids.numel(), len(calib), cfg.seq_len)
     with timer.stage("Analyzing", 2, 6):
         if cfg.streaming:
-            from .streaming import streamed_similarity
+            from .scale.streaming import streamed_similarity
 
             sim = streamed_similarity(dense, adapter, calib[: min(32, len(calib))], bos, cfg.device)
         else:
@@ -242,7 +243,7 @@ def _child_gates(student, adapter, plan: Plan) -> dict[str, dict]:
 def write_outputs(folder: Path, run: MethodRun, tokenizer, analysis: dict, source: str) -> None:
     """Write a compressed model's folder: the checkpoint, plan.json, analysis.json, summary.json, and (report.py)
     the figures, report.md and the model card README.md. `run.summary` gains the list of files."""
-    from .folded import base_config_dict, save_folded
+    from .checkpoint.folded import base_config_dict, save_folded
     from .report import write_figures, write_report
 
     plan, summary = run.plan, run.summary

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter
-from ..budget import Budget
 from ..config import CompressConfig
 from ..errors import FoldGPTError
 from ..plan import Plan
+from ..stages.budget import Budget
 
 if TYPE_CHECKING:
     from .greedy import SearchCache
@@ -60,7 +60,7 @@ class Context:
     def child_fits(self):
         """Whitened low-rank fits of every layer's Linears (fit.ChildFits), from the first calibration windows."""
         if self.fits is None:
-            from ..fit import ChildFits
+            from ..stages.fit import ChildFits
 
             ids = self.calib[: min(self.cfg.fold.fit_windows, len(self.calib))]
             self.fits = ChildFits(self.model, self.adapter, ids, self.cfg.fold.shared_linears or list(

@@ -13,8 +13,8 @@ import logging
 from torch import nn
 
 from ..adapters import Adapter
-from ..gates import unit_names
 from ..plan import Plan
+from ..stages.gates import unit_names
 from . import Context, Method, register
 from .greedy import greedy_removal
 

@@ -8,9 +8,9 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from ..fold import borrowed_weights
-from ..gates import GateSet
-from ..structure import shape_mismatch
+from ..stages.fold import borrowed_weights
+from ..stages.gates import GateSet
+from ..stages.structure import shape_mismatch
 from . import Context
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def child_search(ctx: Context, gone: set[int], pairs: list[tuple[int, int]],
     branches scaled by g, for g in `grid`.
     Returns {(parent, child): (best NLL, best g, NLL with the child deleted)}; each trial reruns only
     the layers from the child on (streaming.StreamedNLL)."""
-    from ..streaming import StreamedNLL
+    from ..scale.streaming import StreamedNLL
 
     layers = ctx.adapter.layers(ctx.model)
     paths = ctx.cfg.fold.shared_linears or list(ctx.adapter.linears)

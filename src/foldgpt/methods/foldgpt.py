@@ -15,12 +15,12 @@ import logging
 
 import torch
 
-from ..fold import fold_costs, select_groups
-from ..gates import train_gates
 from ..plan import Plan
-from ..precision import autocast
-from ..structure import apply_plan_
-from ..weights import clone_sharing_weights
+from ..scale.precision import autocast
+from ..stages.fold import fold_costs, select_groups
+from ..stages.gates import train_gates
+from ..stages.structure import apply_plan_
+from ..stages.weights import clone_sharing_weights
 from . import Context, Method, register
 from .children import measured_child_gates
 from .greedy_fold import greedy_ranking
@@ -110,7 +110,7 @@ def run(ctx: Context) -> Plan:
 
 def run_bi(ctx: Context) -> Plan:
     """Ablation: one-shot BI ranking (ShortGPT) for the removal, then the same cost-chosen folding."""
-    from ..analysis import block_influence
+    from ..stages.analysis import block_influence
     from . import lowest
 
     bi = block_influence(ctx.similarity).tolist()

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import FoldGPTError
 from ..fileio import write_json_atomic
-from ..gates import GateSet, unit_names
+from ..stages.gates import GateSet, unit_names
 from . import Context
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def _search(ctx: Context, unit: str, costs: list[float], need: float, label: str
     alive = torch.ones(len(names))
     stream = None
     if not whole_forward:
-        from ..streaming import StreamedNLL
+        from ..scale.streaming import StreamedNLL
 
         stream = StreamedNLL(ctx.model, ctx.adapter, ids, ctx.cfg.device if ctx.cfg.streaming else ctx.model.device)
     score: Callable[[int], float] = (

@@ -14,7 +14,7 @@ import logging
 import torch
 
 from ..errors import FoldGPTError
-from ..gates import unit_names
+from ..stages.gates import unit_names
 from . import Context
 from .children import child_gate_values, fold_back, groups_of
 from .greedy import greedy_removal

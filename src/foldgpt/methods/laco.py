@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from ..errors import FoldGPTError
 from ..plan import Plan
-from ..structure import apply_plan_
-from ..weights import clone_sharing_weights
+from ..stages.structure import apply_plan_
+from ..stages.weights import clone_sharing_weights
 from . import Context, Method, register
 
 log = logging.getLogger(__name__)

@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from ..analysis import angular_distance
 from ..plan import Plan
+from ..stages.analysis import angular_distance
 from . import Context, Method, lowest, register
 from .greedy import greedy_removal
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import logging
 
-from ..analysis import angular_distance
-from ..compensate import check_compensable
 from ..errors import FoldGPTError
 from ..plan import Plan
+from ..stages.analysis import angular_distance
+from ..stages.compensate import check_compensable
 from . import Context, Method, register
 
 log = logging.getLogger(__name__)

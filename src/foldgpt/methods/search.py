@@ -23,10 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import FoldGPTError
-from ..fit import ChildFits, lowrank_cost
-from ..gates import GateSet
-from ..streaming import StreamedNLL
-from ..structure import layer_params
+from ..scale.streaming import StreamedNLL
+from ..stages.fit import ChildFits, lowrank_cost
+from ..stages.gates import GateSet
+from ..stages.structure import layer_params
 from . import Context
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class _Scorer:
             self.dup = top == self.target[..., None]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        from ..streaming import _final_logits
+        from ..scale.streaming import _final_logits
 
         return _final_logits(self.ctx.model, h)[:, :-1].float()
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..analysis import block_influence
 from ..plan import Plan
+from ..stages.analysis import block_influence
 from . import Context, Method, lowest, register
 
 

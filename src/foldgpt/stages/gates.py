@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import Adapter
-from .config import GateConfig
-from .placement import has_offloaded
-from .precision import set_checkpointing
+from ..adapters import Adapter
+from ..config import GateConfig
+from ..scale.placement import has_offloaded
+from ..scale.precision import set_checkpointing
 
 log = logging.getLogger(__name__)
 

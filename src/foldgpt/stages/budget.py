@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .adapters import Adapter
-from .errors import FoldGPTError
+from ..adapters import Adapter
+from ..errors import FoldGPTError
 from .structure import child_params, layer_params, unique_params
 
 

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import EvalConfig
+from ..errors import FoldGPTError
 from .cloze import ClozeExample, evaluate_cloze
-from .config import EvalConfig
-from .errors import FoldGPTError
 from .scoring import evaluate_tasks
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,10 @@ import math
 import torch
 from torch import nn
 
-from .adapters import Adapter
-from .errors import FoldGPTError
-from .modeling_foldgpt import SharedLinear, ZeroBranch, add_position_gates_, apply_layout_, set_submodule  # noqa: F401
-from .plan import Plan
+from ..adapters import Adapter
+from ..checkpoint.modeling_foldgpt import SharedLinear, ZeroBranch, add_position_gates_, apply_layout_, set_submodule  # noqa: F401
+from ..errors import FoldGPTError
+from ..plan import Plan
 
 
 def init_lowrank_(shared: SharedLinear, own: nn.Linear | None, init: str, seed: int) -> None:

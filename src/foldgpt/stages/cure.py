@@ -12,16 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import Adapter
+from ..adapters import Adapter
+from ..config import CureConfig
+from ..scale.placement import has_offloaded
+from ..scale.precision import autocast, resolve, set_checkpointing
+from ..scale.sharding import sharded_linears
+from ..scale.teacher_cache import TeacherCache, topk_kl
 from .analysis import capture_hidden
-from .config import CureConfig
 from .gates import kl_div
 from .lora import MergeableLoRA, unique_linears
-from .placement import has_offloaded
-from .precision import autocast, resolve, set_checkpointing
-from .sharding import sharded_linears
 from .structure import SharedLinear
-from .teacher_cache import TeacherCache, topk_kl
 
 log = logging.getLogger(__name__)
 

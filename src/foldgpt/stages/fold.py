@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import Adapter
+from ..adapters import Adapter
+from ..scale.placement import sharing_home
 from .gates import kl_div
-from .placement import sharing_home
 from .structure import set_submodule
 
 log = logging.getLogger(__name__)

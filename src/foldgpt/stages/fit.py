@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import Adapter
+from ..adapters import Adapter
 
 RIDGE = 1e-3  # ridge added to C, relative to the mean of its diagonal (keeps L well conditioned)
 

@@ -19,8 +19,8 @@ import math
 import torch
 from torch import nn
 
-from .adapters import Adapter
-from .modeling_foldgpt import SharedLinear
+from ..adapters import Adapter
+from ..checkpoint.modeling_foldgpt import SharedLinear
 
 
 def unique_linears(model: nn.Module, adapter: Adapter) -> list[nn.Linear]:

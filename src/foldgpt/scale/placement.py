@@ -34,8 +34,8 @@ import torch
 from accelerate.utils import send_to_device as to_device  # tensors in nested tuples / lists / dicts
 from torch import nn
 
-from .adapters import Adapter
-from .errors import FoldGPTError
+from ..adapters import Adapter
+from ..errors import FoldGPTError
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapters import Adapter, get_adapter
-from .analysis import cosine_matrix_sums
+from ..adapters import Adapter, get_adapter
+from ..stages.analysis import cosine_matrix_sums
 from .placement import is_placed, placement_of, to_device
 
 

@@ -16,7 +16,7 @@ def clone_sharing_weights(model: nn.Module) -> nn.Module:
             for p in mod.parameters(recurse=False):
                 memo[id(p)] = p
     clone = copy.deepcopy(model, memo)
-    from .placement import remove
+    from ..scale.placement import remove
 
     remove(clone)  # a placement's hooks belong to the original (place the clone with placement.follow)
     return clone

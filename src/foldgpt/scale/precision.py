@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from ..config import PRECISIONS  # noqa: F401  (the choices, written once in config.py)
 
 
 @functools.lru_cache(maxsize=1)

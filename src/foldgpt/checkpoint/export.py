@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import FoldGPTError
+from ..errors import FoldGPTError
 from .modeling_foldgpt import SharedLinear, ZeroBranch
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def to_dense(folded: nn.Module) -> nn.Module:
     if layout.get("position_gates"):
         raise FoldGPTError("models with per-position gates cannot be exported densely (a gate on the whole "
                            "residual branch has no equivalent in the base architecture)")
-    from .adapters import get_adapter
+    from ..adapters import get_adapter
 
     adapter = get_adapter(folded.config)
     config = folded.config.__class__.from_dict(folded.config.to_dict())
@@ -87,7 +87,7 @@ def to_dense(folded: nn.Module) -> nn.Module:
 
 def export_dense(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write a plain base-architecture checkpoint of the folded model at `src` into `out`."""
-    from .fileio import atomic_dir
+    from ..fileio import atomic_dir
     from .folded import load_folded
 
     folded, tok = load_folded(src)

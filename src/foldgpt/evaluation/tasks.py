@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FoldGPTError
+from ..errors import FoldGPTError
 
 logger = logging.getLogger(__name__)
 

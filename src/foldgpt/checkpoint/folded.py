@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..adapters import get_adapter
+from ..errors import FoldGPTError
+from ..plan import Plan
+from ..stages.structure import layout_from_plan
 from . import modeling_foldgpt
-from .adapters import get_adapter
-from .errors import FoldGPTError
 from .modeling_foldgpt import WEIGHTS_NAME, alias_keys, load_folded_model
-from .plan import Plan
-from .structure import layout_from_plan
 
 log = logging.getLogger(__name__)
 

@@ -47,9 +47,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapters import Adapter
-from .errors import FoldGPTError
-from .plan import Plan
+from ..adapters import Adapter
+from ..errors import FoldGPTError
+from ..plan import Plan
 
 log = logging.getLogger(__name__)
 

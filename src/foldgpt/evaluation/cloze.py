@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import FoldGPTError
+from ..errors import FoldGPTError
 from .scoring import score_requests
 
 logger = logging.getLogger(__name__)

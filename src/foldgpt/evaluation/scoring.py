@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import FoldGPTError
+from ..errors import FoldGPTError
 from .tasks import Task, load_task
 
 logger = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import Adapter
-from .analysis import capture_hidden
+from ..adapters import Adapter
+from ..stages.analysis import capture_hidden
 from .precision import autocast
 
 log = logging.getLogger(__name__)

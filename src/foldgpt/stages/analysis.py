@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import Adapter
+from ..adapters import Adapter
 
 
 @contextmanager

@@ -18,9 +18,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapters import Adapter
-from .errors import FoldGPTError
-from .lora import unique_linears
+from ..adapters import Adapter
+from ..errors import FoldGPTError
+from ..stages.lora import unique_linears
 
 log = logging.getLogger(__name__)
 
