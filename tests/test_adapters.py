@@ -21,6 +21,7 @@ from torch import nn
 import foldgpt
 from foldgpt.adapters import get_adapter, supported_types
 from foldgpt.checkpoint.export import export_dense
+from foldgpt.config import with_settings
 from foldgpt.methods import get_method
 from foldgpt.plan import Plan
 from foldgpt.scale import placement
@@ -33,7 +34,7 @@ FAMILIES = ["llama", "qwen2", "gemma3", "phi3", "gpt_neox"]
 IDS = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(5))
 # the default ranking (the search) at 60%; without whole-attention deletions every tiny family's plan then holds
 # both deleted units and fitted children (some would otherwise spend the whole budget on one kind of action)
-CONFIG = fast_config(target_params=0.6, fold=foldgpt.FoldConfig(adapter_rank=2, actions=["layer", "mlp", "child"]))
+CONFIG = with_settings(fast_config(target_params=0.6), {"ranking.actions": ["layer", "mlp", "child"]})
 
 
 def logits(model, ids=IDS):
