@@ -38,12 +38,8 @@ def main() -> None:
     from foldgpt.data import calibration_batches, load_text, needs_bos, tokenize
     from foldgpt.models import load_model
 
-    try:
-        from foldgpt.stages.fit import ChildFits
-        from foldgpt.scale.streaming import layer_inputs
-    except ImportError:
-        from foldgpt.fit import ChildFits
-        from foldgpt.streaming import layer_inputs
+    from foldgpt.scale.streaming import layer_inputs
+    from foldgpt.stages.fit import ChildFits
 
     torch.manual_seed(0)
     ridges = [float(r) for r in args.ridges.split(",")]

@@ -139,6 +139,17 @@ def test_a_child_that_is_a_scaled_copy_of_its_parent_uses_alpha(tiny_dirs, text_
             layers[3].get_submodule(p).weight = w
 
 
+def test_with_ridge_reuses_the_covariances_and_changes_only_the_whitening(tiny_dirs, text_file):
+    ctx = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=0.6)
+    fits = ChildFits(ctx.model, ctx.adapter, ctx.calib[:8], list(ctx.adapter.linears))
+    path = ctx.adapter.linears[0]
+    same, other = fits.with_ridge(fits.ridge), fits.with_ridge(1.0)
+    assert other.cov is fits.cov
+    assert torch.equal(same.own(2, path).factors(4)[0], fits.own(2, path).factors(4)[0])
+    strong = other.own(2, path)
+    assert strong.s.shape == fits.own(2, path).s.shape and not torch.allclose(strong.s, fits.own(2, path).s)
+
+
 def test_compress_with_the_search_saves_a_folder_that_reloads_and_exports(tiny_dirs, text_file, tmp_path):
     res = foldgpt.compress(str(tiny_dirs["qwen2"]), [str(text_file)], tmp_path / "out", fast_config(target_params=0.6))
     model, _ = foldgpt.load(tmp_path / "out")

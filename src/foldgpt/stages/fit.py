@@ -14,6 +14,8 @@ Everything here is pure tensor math except `input_covariances`, which runs the m
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +144,12 @@ class ChildFits:
         self._white: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._own: dict[tuple[int, str], LowRankFit] = {}
         self._par: dict[tuple[int, int, str], tuple[float, LowRankFit]] = {}
+
+    def with_ridge(self, ridge: float) -> ChildFits:
+        """The same covariances whitened with another ridge (its fits are computed on demand)."""
+        other = copy.copy(self)
+        other.ridge, other._white, other._own, other._par = ridge, {}, {}, {}
+        return other
 
     def weight(self, layer: int, path: str) -> torch.Tensor:
         return self.adapter.layers(self.model)[layer].get_submodule(path).weight.detach()
