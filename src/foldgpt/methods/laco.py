@@ -14,7 +14,7 @@ The search (the paper's Algorithm 1), in original layer indices:
 
 Choices (no configuration fields exist for LaCo, so they are module constants):
 - C = 4 (merge up to 3 layers into one per step), T = 0.65, I = 2 (minimum distance between merge
-  heads): the paper's Llama2-7B settings as we recall them (check the paper before quoting);
+  heads): values after the paper's Llama2-7B setting (not verified against its text: check it before quoting);
   in addition a span must end below the
   previous head, so spans never overlap and a merged layer is never merged again (the paper walks its
   shrinking model, where I < C can fold an already merged layer into a new merge; a plan's merges are
