@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
 
 import torch
-from torch import nn
-
-ROOT = Path(__file__).resolve().parents[1]
-CALIB = ["emma", "mansfieldpark", "sensesensibility", "northangerabbey", "persuasion"]
+from corpus import Bench, austen, layer_output, swapped
 
 
 @torch.no_grad()
@@ -36,24 +32,15 @@ def main() -> None:
     ap.add_argument("--ranks", default="32,64,128")
     ap.add_argument("--out", required=True, help="output stem: writes STEM.json and STEM.md")
     args = ap.parse_args()
-    from foldgpt.adapters import get_adapter
-    from foldgpt.data import calibration_batches, load_text, needs_bos, tokenize
-    from foldgpt.models import load_model
     from foldgpt.scale.streaming import layer_inputs
     from foldgpt.stages.fit import ChildFits
 
     torch.manual_seed(0)
     ranks = [int(r) for r in args.ranks.split(",")]
-    data = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")) / "corpora" / "austen"
-    model, tok = load_model(args.model)
-    adapter = get_adapter(model.config)
-    bos = needs_bos(tok, adapter.needs_bos)
-    bos_id = tok.bos_token_id if bos else None
-    corpus = load_text([str(data / f"austen_{n}.txt") for n in CALIB])
-    calib = calibration_batches(tokenize(tok, corpus.text), 512, 256, 0, bos_id)  # as compress draws them
+    b = Bench(args.model)
+    model, adapter, calib = b.model, b.adapter, b.calib
     heldout = {"calibration text, other windows": calib[-8:],
-               "Pride and Prejudice": calibration_batches(
-                   tokenize(tok, load_text([str(data / "austen_prideprejudice.txt")]).text), 8, 256, 0, bos_id)}
+               "Pride and Prejudice": b.windows([austen("prideprejudice")], 8)}
     paths = list(adapter.linears)
     fits = ChildFits(model, adapter, calib[:32], paths)
     layers = adapter.layers(model)
@@ -78,24 +65,15 @@ def main() -> None:
         h = h0
         errs: dict[str, list[float]] = {}
         for c, layer in enumerate(layers):
-            args_c, kw_c = calls[c]
-            y = layer(h, *args_c, **kw_c)
-            y = y[0] if isinstance(y, tuple) else y
+            y = layer_output(layer, h, calls[c])
             u = (y - h).float()
             same = [q for q in range(c - 1, -1, -1) if kinds[q] == kinds[c]]
             if same:
                 p = same[0]
                 errs.setdefault("deletion", []).append(1.0)
                 for vname, weights in variants(c, p).items():
-                    saved = {q: layer.get_submodule(q).weight for q in paths}
-                    try:
-                        for q, wq in weights.items():
-                            layer.get_submodule(q).weight = nn.Parameter(wq.to(saved[q].dtype), requires_grad=False)
-                        y2 = layer(h, *args_c, **kw_c)
-                        y2 = y2[0] if isinstance(y2, tuple) else y2
-                    finally:
-                        for q, wq in saved.items():
-                            layer.get_submodule(q).weight = wq
+                    with swapped(layer, weights):
+                        y2 = layer_output(layer, h, calls[c])
                     errs.setdefault(vname, []).append(float((y2 - y).float().norm() / u.norm()))
             h = y
         rows[name] = errs

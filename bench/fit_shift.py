@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
 
 import torch
-from torch import nn
-
-ROOT = Path(__file__).resolve().parents[1]
-CALIB = ["emma", "mansfieldpark", "sensesensibility", "northangerabbey", "persuasion"]
+from corpus import OOD_TEXT, Bench, austen, layer_output, swapped
 
 
 @torch.no_grad()
@@ -31,32 +27,20 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--ridges", default="0.001,0.01,0.1,1")
     ap.add_argument("--fraction", type=float, default=0.25, help="a child's factors as a fraction of a block")
-    ap.add_argument("--ood", default="/usr/share/common-licenses/GPL-3")
+    ap.add_argument("--ood", default=OOD_TEXT)
     ap.add_argument("--out", required=True, help="output stem: writes STEM.json and STEM.md")
     args = ap.parse_args()
-    from foldgpt.adapters import get_adapter
-    from foldgpt.data import calibration_batches, load_text, needs_bos, tokenize
-    from foldgpt.models import load_model
-
     from foldgpt.scale.streaming import layer_inputs
     from foldgpt.stages.fit import ChildFits
 
     torch.manual_seed(0)
     ridges = [float(r) for r in args.ridges.split(",")]
-    data = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")) / "corpora" / "austen"
-    model, tok = load_model(args.model)
-    adapter = get_adapter(model.config)
-    bos_id = tok.bos_token_id if needs_bos(tok, adapter.needs_bos) else None
-    corpus = load_text([str(data / f"austen_{n}.txt") for n in CALIB])
-    calib = calibration_batches(tokenize(tok, corpus.text), 512, 256, 0, bos_id)  # as compress draws them
-
-    def windows(path: str) -> torch.Tensor:
-        return calibration_batches(tokenize(tok, load_text([path]).text), 8, 256, 0, bos_id)
-
+    b = Bench(args.model)
+    model, adapter, calib = b.model, b.adapter, b.calib
     heldout = {"calibration text, other windows": calib[-8:],
-               "Pride and Prejudice": windows(str(data / "austen_prideprejudice.txt"))}
+               "Pride and Prejudice": b.windows([austen("prideprejudice")], 8)}
     if Path(args.ood).is_file():
-        heldout[f"{Path(args.ood).name} (other kind of text)"] = windows(args.ood)
+        heldout[f"{Path(args.ood).name} (other kind of text)"] = b.windows([args.ood], 8)
     paths = list(adapter.linears)
     layers = adapter.layers(model)
     per_rank = sum(layers[0].get_submodule(q).in_features + layers[0].get_submodule(q).out_features for q in paths)
@@ -70,21 +54,11 @@ def main() -> None:
         h, calls = layer_inputs(model, adapter, ids)
         errs: dict[str, list[float]] = {}
         for c, layer in enumerate(layers):
-            args_c, kw_c = calls[c]
-            y = layer(h, *args_c, **kw_c)
-            y = y[0] if isinstance(y, tuple) else y
+            y = layer_output(layer, h, calls[c])
             u = (y - h).float()
             for lam in ridges:
-                weights = fits[lam].own_weights(c, rank)
-                saved = {q: layer.get_submodule(q).weight for q in paths}
-                try:
-                    for q, wq in weights.items():
-                        layer.get_submodule(q).weight = nn.Parameter(wq.to(saved[q].dtype), requires_grad=False)
-                    y2 = layer(h, *args_c, **kw_c)
-                    y2 = y2[0] if isinstance(y2, tuple) else y2
-                finally:
-                    for q, wq in saved.items():
-                        layer.get_submodule(q).weight = wq
+                with swapped(layer, fits[lam].own_weights(c, rank)):
+                    y2 = layer_output(layer, h, calls[c])
                 errs.setdefault(f"ridge {lam:g}", []).append(float((y2 - y).float().norm() / u.norm()))
             h = y
         rows[name] = errs

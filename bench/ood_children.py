@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-ROOT = Path(__file__).resolve().parents[1]
-CALIB = ["emma", "mansfieldpark", "sensesensibility", "northangerabbey", "persuasion"]
+from corpus import OOD_TEXT, Bench, austen, swapped
 
 
 @torch.no_grad()
@@ -30,29 +27,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--plan", required=True, help="a plan whose child_ranks name the layers and ranks")
-    ap.add_argument("--ood", default="/usr/share/common-licenses/GPL-3")
+    ap.add_argument("--ood", default=OOD_TEXT)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--out", required=True, help="output stem: writes STEM.json and STEM.md")
     args = ap.parse_args()
-    from foldgpt.adapters import get_adapter
-    from foldgpt.data import calibration_batches, load_text, needs_bos, tokenize
-    from foldgpt.models import load_model
     from foldgpt.stages.fit import ChildFits
 
-    model, tok = load_model(args.model)
-    adapter = get_adapter(model.config)
-    bos_id = tok.bos_token_id if needs_bos(tok, adapter.needs_bos) else None
-    data = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")) / "corpora" / "austen"
-    novels = calibration_batches(tokenize(tok, load_text([str(data / f"austen_{n}.txt") for n in CALIB]).text),
-                                 512, 256, 0, bos_id)
-    generic = calibration_batches(tokenize(tok, load_text(None).text), 32, 256, 0, bos_id)
-
-    def windows(path: str) -> torch.Tensor:
-        return calibration_batches(tokenize(tok, load_text([path]).text), args.windows, 256, 0, bos_id)
-
-    texts = {"Pride and Prejudice": windows(str(data / "austen_prideprejudice.txt"))}
+    b = Bench(args.model)
+    model, adapter, novels = b.model, b.adapter, b.calib
+    generic = b.windows(None, 32)
+    texts = {"Pride and Prejudice": b.windows([austen("prideprejudice")], args.windows)}
     if Path(args.ood).is_file():
-        texts[f"{Path(args.ood).name} (other kind of text)"] = windows(args.ood)
+        texts[f"{Path(args.ood).name} (other kind of text)"] = b.windows([args.ood], args.windows)
     ranks = {int(k): int(v) for k, v in json.loads(Path(args.plan).read_text())["child_ranks"].items()}
     paths = list(adapter.linears)
     layers = adapter.layers(model)
@@ -69,17 +55,10 @@ def main() -> None:
         variants[name] = {i: fits.own_weights(i, r) for i, r in ranks.items()}
     rows = {}
     for name, swap in variants.items():
-        saved = {}
-        try:
+        with ExitStack() as stack:
             for i, weights in (swap or {}).items():
-                for q, w in weights.items():
-                    mod = layers[i].get_submodule(q)
-                    saved[(i, q)] = mod.weight
-                    mod.weight = nn.Parameter(w.to(mod.weight.dtype), requires_grad=False)
+                stack.enter_context(swapped(layers[i], weights))
             rows[name] = {t: perplexity(model, ids) for t, ids in texts.items()}
-        finally:
-            for (i, q), w in saved.items():
-                layers[i].get_submodule(q).weight = w
         print(name, {k: round(v, 2) for k, v in rows[name].items()}, flush=True)
     lines = [f"# Fitted children on other text, {args.model}", "",
              f"Layers {sorted(ranks)} (the children of `{args.plan}`, ranks {sorted(set(ranks.values()))}); "

@@ -183,9 +183,7 @@ def _compress_parser(sub) -> None:
                   "whole layers")
     _setting(c, "--protect-ends", "cfg:protect_ends", action="store_true",
              help="never remove the first and last layer")
-    _setting(c, "--seq-len", "cfg:seq_len", type=int)
-    _setting(c, "--calib-seqs", "cfg:calib_seqs", type=int)
-    _setting(c, "--gate-steps", "cfg:gate.steps", type=int)
+    _calibration_settings(c)
     _setting(c, "--gate-rounds", "cfg:gate.rounds", type=int)
     _setting(c, "--gate-budget", "cfg:gate.budget", choices=GATE_BUDGETS)
     _setting(c, "--adapter-rank", "cfg:fold.adapter_rank", type=int)
@@ -209,6 +207,13 @@ def _compress_parser(sub) -> None:
              help="the cure's own seed (data order, adapter init; default: --seed), to measure cure noise")
     _run_options(c)
     c.add_argument("--convert-cache", default=None, help="where GGUF conversions are cached")
+
+
+def _calibration_settings(p) -> None:
+    """The calibration options compress and bench share."""
+    _setting(p, "--seq-len", "cfg:seq_len", type=int)
+    _setting(p, "--calib-seqs", "cfg:calib_seqs", type=int)
+    _setting(p, "--gate-steps", "cfg:gate.steps", type=int)
 
 
 def _eval_parser(sub) -> None:
@@ -249,9 +254,7 @@ def _bench_parser(sub) -> None:
     b.add_argument("--overwrite", action="store_true")
     _setting(b, "--eval-seq-len", "eval:seq_len", type=int)
     _setting(b, "--eval-max-tokens", "eval:max_tokens", type=int)
-    _setting(b, "--seq-len", "cfg:seq_len", type=int)
-    _setting(b, "--calib-seqs", "cfg:calib_seqs", type=int)
-    _setting(b, "--gate-steps", "cfg:gate.steps", type=int)
+    _calibration_settings(b)
     _setting(b, "--cure-steps", "cfg:cure.steps", type=int)
     _setting(b, "--seed", "cfg:seed", type=int)
     b.add_argument("--resume", action="store_true",
