@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
 
     from foldgpt.adapters import get_adapter
     from foldgpt.config import CompressConfig, CureConfig, GateConfig
-    from foldgpt.data import Corpus, _builtin_text, calibration_batches, tokenize
+    from foldgpt.data import Corpus, builtin_text, calibration_batches, tokenize
     from foldgpt.pipeline import Session, run_method
     from foldgpt.scale.placement import apply as place
     from foldgpt.scale.placement import plan as plan_placement
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
                                                                    a.device))
     load_s = time.perf_counter() - t0
     tok = byte_tokenizer()
-    text = _builtin_text()
+    text = builtin_text()
     ids = tokenize(tok, text)
     calib = calibration_batches(ids, a.calib_seqs, a.seq_len, 0, tok.bos_token_id)
     adapter = get_adapter(model.config)

@@ -27,6 +27,6 @@ def random_model(shape: str, dtype, device: str = "cpu", **overrides):
 
 def byte_tokenizer():
     """A small byte-level BPE trained on Python's docs, offline (the text only needs to become ids)."""
-    from foldgpt.data import _builtin_text, byte_level_tokenizer
+    from foldgpt.data import builtin_text, byte_level_tokenizer
 
-    return byte_level_tokenizer([_builtin_text()[:200_000]], vocab_size=2000)
+    return byte_level_tokenizer([builtin_text()[:200_000]], vocab_size=2000)

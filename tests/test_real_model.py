@@ -16,9 +16,9 @@ pytestmark = pytest.mark.slow
 def test_smollm2_compress_and_reload(tmp_path, monkeypatch):
     monkeypatch.setenv("FOLDGPT_CACHE", str(tmp_path / "cache"))  # the GGUF conversion runs here, once
     text = tmp_path / "docs.txt"
-    from foldgpt.data import _builtin_text
+    from foldgpt.data import builtin_text
 
-    text.write_text(_builtin_text()[:120_000])
+    text.write_text(builtin_text()[:120_000])
     cfg = CompressConfig(target_params=0.9, seq_len=64, calib_seqs=32,
                          gate=GateConfig(steps=4, rounds=2, batch_size=2), cure=CureConfig(steps=3, batch_size=2))
     res = foldgpt.compress("smollm2-135m", [str(text)], tmp_path / "out", cfg)

@@ -53,7 +53,7 @@ def _read_file(path: Path) -> list[str]:
     return [path.read_text(encoding="utf-8", errors="replace")]
 
 
-def _builtin_text() -> str:
+def builtin_text() -> str:
     import pydoc_data.topics
 
     return "\n\n".join(pydoc_data.topics.topics.values())
@@ -93,12 +93,12 @@ def load_text(specs: list[str] | str | None, split: str = "train") -> Corpus:
             "no --text given: using Python's built-in documentation (pydoc topics) as calibration text; "
             "pass your own domain text (--text FILE/DIR) for better results"
         )
-        return Corpus(_builtin_text(), [DEFAULT_TEXT])
+        return Corpus(builtin_text(), [DEFAULT_TEXT])
     docs: list[str] = []
     sources: list[str] = []
     for spec in specs:
         if spec == DEFAULT_TEXT:
-            docs.append(_builtin_text())
+            docs.append(builtin_text())
             sources.append(spec)
             continue
         if spec in NAMED_DATASETS and not Path(spec).exists():

@@ -15,7 +15,6 @@ Everything here is pure tensor math except `input_covariances`, which runs the m
 from __future__ import annotations
 
 import copy
-
 from dataclasses import dataclass
 
 import torch
