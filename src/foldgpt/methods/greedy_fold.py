@@ -22,11 +22,8 @@ from .greedy import greedy_removal
 log = logging.getLogger(__name__)
 
 # `--unit auto` folds the sub-block search only when its calibration NLL rise over the dense model is at most this
-# fraction of the whole-layer search's. A lower NLL before the cure is not enough: over the pairs of plans of the
-# benchmark tables (bench/plan_nll.py; SmolLM2-135M at 75% and 60%, Gemma-3-270M at 75%), the plan with the smaller
-# rise cured better in all 43 pairs whose rise ratio was <= 0.60 and in only 18 of the 29 above it (SmolLM2 at 60%:
-# the sub-block search ended lower, ratio 0.95, and its plan cured 6% worse). Gemma-3-270M's sub-block search ended
-# at 0.45 and its plan cured 48% better. At a toss-up the whole layers stay: they won both such measured cases.
+# fraction of the whole-layer search's: a smaller pre-cure difference did not predict which plan cures better
+# (evidence: bench/plan_nll.py and docs/results-greedy.md). At a toss-up the whole layers stay.
 AUTO_SUBLAYER_RISE = 0.6
 
 
