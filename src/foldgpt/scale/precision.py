@@ -7,8 +7,6 @@ import functools
 
 import torch
 
-from ..config import PRECISIONS  # noqa: F401  (the choices, written once in config.py)
-
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
