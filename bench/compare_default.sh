@@ -37,6 +37,11 @@ declare -A ARGS=(
   [foldgpt_r0125_s0]="--child-fractions 0.125 --cure-seed 0"
   [foldgpt_r025_s0]="--child-fractions 0.25 --cure-seed 0"
   [foldgpt_greedy_s0]="--ranking greedy --cure-seed 0"
+  [foldgpt_gen25_s0]="--general-share 0.25 --cure-seed 0"
+  [foldgpt_gen25_s1]="--general-share 0.25 --cure-seed 1"
+  [shortgpt_gen25_s0]="--method shortgpt --general-share 0.25 --cure --cure-seed 0"
+  [sleb_gen25_s0]="--method sleb --plan ${P}_sleb.json --general-share 0.25 --cure --cure-seed 0"
+  [blockpruner_gen25_s0]="--method blockpruner --plan ${P}_blockpruner.json --general-share 0.25 --cure --cure-seed 0"
 )
 ORDER=${ROWS:-"foldgpt_s0 sleb_s0 replaceme_s0 foldgpt_s1 sleb_s1 blockpruner_s0 replaceme_nocure foldgpt_nocure sleb_replaceme_s0 foldgpt_noalpha_s0"}
 for row in $ORDER; do

@@ -213,6 +213,9 @@ def _calibration_settings(p) -> None:
     """The calibration options compress and bench share."""
     _setting(p, "--seq-len", "cfg:seq_len", type=int)
     _setting(p, "--calib-seqs", "cfg:calib_seqs", type=int)
+    _setting(p, "--general-share", "cfg:general_share", type=float,
+             help="share of calibration windows taken from built-in general text, so the result keeps what the "
+                  "model does on text unlike yours")
     _setting(p, "--gate-steps", "cfg:gate.steps", type=int)
 
 

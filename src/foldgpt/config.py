@@ -171,6 +171,9 @@ class CompressConfig:
     protect_ends: bool = False
     seq_len: int = 256
     calib_seqs: int = 512
+    # share of the calibration windows drawn from built-in general text (Python's documentation), so the fits, the
+    # search and the cure also see text of another kind than the user's (0 when no --text is given)
+    general_share: float = 0.0
     seed: int = 0
     device: str = "cpu"  # "cuda", "cuda:1", "mps"...: where the model runs
     precision: str = "auto"  # autocast for gate training and fold costs (the cure has its own setting)
@@ -195,6 +198,7 @@ class CompressConfig:
         _check(0.0 <= self.remove_share <= 1.0, "remove share must be in [0, 1]")
         _check(self.seq_len >= 8, "--seq-len must be >= 8")
         _check(self.calib_seqs >= 1, "calibration sequences must be >= 1")
+        _check(0.0 <= self.general_share < 1.0, f"--general-share must be in [0, 1), got {self.general_share}")
         _one_of(self.precision, PRECISIONS, "precision")
         _check(self.device_map in (None, *DEVICE_MAPS),
                f"--device-map must be {' or '.join(repr(m) for m in DEVICE_MAPS)}, got '{self.device_map}'")

@@ -159,6 +159,20 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def mixed_calibration(ids: torch.Tensor, general_ids: torch.Tensor | None, n_seqs: int, seq_len: int, seed: int,
+                      share: float, bos_id: int | None = None) -> torch.Tensor:
+    """Calibration windows of which round(share * n_seqs) come from `general_ids`, shuffled among the user's so that
+    every prefix of the windows (the analysis and fit subsets) holds about the same share."""
+    n_general = round(share * n_seqs) if general_ids is not None else 0
+    n_general = min(n_general, n_seqs - 1)
+    user = calibration_batches(ids, n_seqs - n_general, seq_len, seed, bos_id)
+    if n_general <= 0:
+        return user
+    general = calibration_batches(general_ids, n_general, seq_len, seed + 1, bos_id)
+    order = torch.randperm(n_seqs, generator=torch.Generator().manual_seed(seed + 2))
+    return torch.cat([user, general])[order]
+
+
 def needs_bos(tokenizer, adapter_needs_bos: bool) -> bool:
     """True when windows should start with BOS: the model family needs it, or the tokenizer adds it."""
     if tokenizer.bos_token_id is None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from . import __version__
 from .adapters import get_adapter
 from .config import CompressConfig
-from .data import calibration_batches, load_text, needs_bos, tokenize
+from .data import DEFAULT_TEXT, builtin_text, load_text, mixed_calibration, needs_bos, tokenize
 from .errors import FoldGPTError
 from .fileio import write_json_atomic
 from .methods import Context, MethodInfo, get_method
@@ -114,8 +114,12 @@ def prepare(model: str, text: list[str] | str | None, cfg: CompressConfig,
             dense.to(cfg.device)
         bos = needs_bos(tok, adapter.needs_bos)
         ids = tokenize(tok, corpus.text)
-        calib = calibration_batches(ids, cfg.calib_seqs, cfg.seq_len, cfg.seed, tok.bos_token_id if bos else None)
-        log.info("calibration: %d tokens of text, %d windows of %d", ids.numel(), len(calib), cfg.seq_len)
+        general = (tokenize(tok, builtin_text()) if cfg.general_share > 0 and corpus.sources != [DEFAULT_TEXT]
+                   else None)
+        calib = mixed_calibration(ids, general, cfg.calib_seqs, cfg.seq_len, cfg.seed, cfg.general_share,
+                                  tok.bos_token_id if bos else None)
+        log.info("calibration: %d tokens of text, %d windows of %d%s", ids.numel(), len(calib), cfg.seq_len,
+                 f" ({cfg.general_share:.0%} from built-in general text)" if general is not None else "")
     with timer.stage("Analyzing", 2, 6):
         if cfg.streaming:
             from .scale.streaming import streamed_similarity
