@@ -53,7 +53,11 @@ def _started_as_command() -> bool:
     return "-m" in argv and argv[argv.index("-m") + 1 :][:1] == ["foldgpt.cli"]
 
 
-if not _started_as_command():  # `import foldgpt` makes the Auto classes load folded checkpoints
+if _started_as_command():  # Ctrl-C from here on ends in one line (cli.main takes over once it runs)
+    from .signals import quiet_until_main as _quiet_until_main
+
+    _quiet_until_main()
+else:  # `import foldgpt` makes the Auto classes load folded checkpoints
     from .checkpoint.auto import register_auto_classes as _register_auto_classes
 
     _register_auto_classes()

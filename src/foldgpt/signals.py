@@ -43,6 +43,24 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _before_main(signum, frame):
+    """A signal while the command's first modules load, before cli.main: nothing was done yet; one line, exit."""
+    _report(Terminated(signum), None)
+    os._exit(exit_code(Terminated(signum)))
+
+
+def quiet_until_main() -> None:
+    """Installed by `import foldgpt` when it starts the `foldgpt` command: until cli.main takes over (terminate_raises),
+    SIGINT and SIGTERM end the process with the same one line instead of a traceback or silence. Signals the
+    process was started to ignore (a background job's SIGINT) stay ignored."""
+    if not _main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _before_main)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _before_main)
+
+
 @contextmanager
 def terminate_raises() -> Iterator[None]:
     """SIGTERM raises Terminated inside the block (the previous handler comes back afterwards). SIGINT keeps
@@ -50,7 +68,11 @@ def terminate_raises() -> Iterator[None]:
     if not _main_thread():
         yield
         return
+    if signal.getsignal(signal.SIGINT) is _before_main:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     old = signal.getsignal(signal.SIGTERM)
+    if old is _before_main:
+        old = signal.SIG_DFL
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
@@ -96,7 +118,8 @@ def _deliver(signum: int, handler) -> None:
 
 
 def exit_code(exc: BaseException) -> int:
-    """128 + the signal number, as shells report a process stopped by a signal: 130 (SIGINT), 143 (SIGTERM)."""
+    """128 + the signal number, as shells report a process stopped by a signal: 130 (SIGINT), 143 (SIGTERM).
+    KeyboardInterrupt is SIGINT; Terminated carries its signal."""
     return 128 + (exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
 
 
@@ -122,7 +145,7 @@ def report(exc: BaseException, argv: list[str] | None = None) -> int:
 
 
 def _report(exc: BaseException, argv: list[str] | None) -> int:
-    name = signal.Signals(exc.signum).name if isinstance(exc, Terminated) else "SIGINT"
+    name = signal.Signals(exc.signum).name if isinstance(exc, Terminated) else "SIGINT"  # Terminated: any signal
     hint = HINTS.get(command_of(argv) or "", DEFAULT_HINT)
     try:  # from the start of the line a progress bar (or the terminal's "^C") may have left
         clear = "\r\x1b[K" if sys.stderr.isatty() else "\r"
