@@ -247,6 +247,26 @@ def test_signals_held_defers_to_the_end_of_the_block(sig):
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_signal_during_the_final_rename_waits_for_it(tmp_path, monkeypatch, capsys):
+    real = os.replace
+
+    def replace(src, dst):  # Ctrl-C arrives just as the output is moved into place
+        os.kill(os.getpid(), signal.SIGINT)
+        real(src, dst)
+
+    out = tmp_path / "out"
+    with signals.terminate_raises(), pytest.raises(KeyboardInterrupt) as caught:
+        with fileio.atomic_dir(out, overwrite=False) as tmp:
+            (tmp / "model.safetensors").write_text("weights")
+            monkeypatch.setattr(fileio.os, "replace", replace)
+    monkeypatch.setattr(fileio.os, "replace", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "model.safetensors").read_text() == "weights"
+    assert signals.report(caught.value, ["compress"]) == 130
+    assert message_lines(capsys.readouterr().err) == [
+        f"foldgpt: interrupted (SIGINT); {out} had been written completely; nothing else was left behind"]
+
+
 def test_output_appearing_meanwhile_is_not_replaced(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(FoldGPTError, match="appeared while this run was writing"):

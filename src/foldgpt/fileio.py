@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import FoldGPTError
-from .signals import signals_held
+from .signals import note_written, signals_held
 
 try:
     import fcntl
@@ -353,6 +353,7 @@ def atomic_dir(out: str | Path, overwrite: bool) -> Iterator[Path]:
                 _remove(old)
             else:
                 os.replace(tmp, out)
+            note_written(out)
 
 
 def current_umask() -> int:

@@ -25,6 +25,12 @@ DEFAULT_HINT = "no output was written and temporary files were removed; run the 
 HINTS = {
     "bench": "rows already finished are kept beside the output; run the same command with --resume to continue",
 }
+_written: list[str] = []  # outputs this command finished (a signal may come after the last one is in place)
+
+
+def note_written(path) -> None:
+    """Record that the output `path` is complete, so that an interruption afterwards does not say it was not."""
+    _written.append(str(path))
 
 
 class Terminated(BaseException):
@@ -68,6 +74,7 @@ def terminate_raises() -> Iterator[None]:
     if not _main_thread():
         yield
         return
+    _written.clear()
     if signal.getsignal(signal.SIGINT) is _before_main:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     old = signal.getsignal(signal.SIGTERM)
@@ -147,6 +154,8 @@ def report(exc: BaseException, argv: list[str] | None = None) -> int:
 def _report(exc: BaseException, argv: list[str] | None) -> int:
     name = signal.Signals(exc.signum).name if isinstance(exc, Terminated) else "SIGINT"  # Terminated: any signal
     hint = HINTS.get(command_of(argv) or "", DEFAULT_HINT)
+    if _written:
+        hint = f"{', '.join(_written)} had been written completely; nothing else was left behind"
     try:  # from the start of the line a progress bar (or the terminal's "^C") may have left
         clear = "\r\x1b[K" if sys.stderr.isatty() else "\r"
         sys.stderr.write(f"{clear}foldgpt: interrupted ({name}); {hint}\n")
