@@ -164,6 +164,8 @@ def clean_stale(parent: str | Path, prefix: str) -> list[Path]:
             continue
         with signals_held():
             _remove(p)
+        if p.exists() or p.is_symlink():  # not ours to remove (another user's)
+            continue
         removed.append(p)
         log.info("removed %s, left by an earlier run that was stopped (process %d is gone)", p, pid)
     return removed

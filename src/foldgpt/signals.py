@@ -70,7 +70,7 @@ def quiet_until_main() -> None:
 @contextmanager
 def terminate_raises() -> Iterator[None]:
     """SIGTERM raises Terminated inside the block (the previous handler comes back afterwards). SIGINT keeps
-    Python's default handler (KeyboardInterrupt), unless the process was started with SIGINT ignored."""
+    Python's default handler (KeyboardInterrupt). A signal the process was started to ignore stays ignored."""
     if not _main_thread():
         yield
         return
@@ -80,7 +80,8 @@ def terminate_raises() -> Iterator[None]:
     old = signal.getsignal(signal.SIGTERM)
     if old is _before_main:
         old = signal.SIG_DFL
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    if old != signal.SIG_IGN:  # started to ignore it: keep ignoring
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
