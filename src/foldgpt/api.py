@@ -18,7 +18,7 @@ from .data import calibration_batches, load_text, needs_bos, tokenize
 from .errors import FoldGPTError
 from .evaluation.cloze import cloze_examples
 from .evaluation.evaluate import evaluate_model
-from .fileio import atomic_dir, write_json_atomic
+from .fileio import atomic_dir, check_output, holds_output, input_paths, write_json_atomic
 from .methods import get_method
 from .models import load_model
 from .pipeline import prepare, run_method, write_outputs
@@ -40,6 +40,7 @@ def analyze(models: list[str] | str, text: list[str] | str | None = None, out: s
     from .report import write_analysis_figures
 
     models = [models] if isinstance(models, str) else list(models)
+    check_output(out, overwrite, inputs=[*models, *input_paths(text)])
     corpus = load_text(text)
     results = {}
     with atomic_dir(out, overwrite) as tmp:
@@ -75,6 +76,7 @@ class CompressResult:
         return summary_table(self.summary)
 
 
+@holds_output(inputs=("model", "text", "plan", "convert_cache"))  # checked and locked before any work
 def compress(model: str, text: list[str] | str | None, out: str | Path, config: CompressConfig | None = None,
              plan: str | Path | Plan | None = None, overwrite: bool = False,
              convert_cache: str | Path | None = None) -> CompressResult:
@@ -112,6 +114,8 @@ def evaluate(models: list[str] | str, text: list[str] | str | None, config: Eval
     `config` with `settings` (EvalConfig fields, e.g. seq_len=512) over it. Mirrors `foldgpt eval`."""
     cfg = with_settings(config or EvalConfig(), settings)
     models = [models] if isinstance(models, str) else list(models)
+    if json_out is not None:
+        check_output(json_out, overwrite=True, option="--json", file=True)
     if not text and not cfg.tasks and not cfg.lm_eval:
         raise FoldGPTError("give evaluation text with --text (a .txt/.jsonl file, a directory or a dataset name) "
                            "or --tasks")

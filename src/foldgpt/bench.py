@@ -21,7 +21,7 @@ from .config import CompressConfig, EvalConfig, with_settings
 from .data import load_text, tokenize
 from .errors import FoldGPTError
 from .evaluation.evaluate import Evaluation, evaluate_model
-from .fileio import atomic_dir, write_json_atomic
+from .fileio import atomic_dir, holds_output, write_json_atomic
 from .methods import get_method
 from .methods.greedy import SearchCache
 from .pipeline import prepare, run_method
@@ -189,6 +189,7 @@ def _run_row(session, ledger: _Ledger, name: str, target: float, do_cure: bool, 
     return row
 
 
+@holds_output(inputs=("model", "text", "eval_text"))  # checked and locked before any work
 def bench(model: str, methods: list[str], targets: list[float], text: list[str] | None, eval_text: list[str],
           out: str | Path, cure: bool = False, base: CompressConfig | None = None,
           evaluation: EvalConfig | None = None, overwrite: bool = False, resume: bool = False) -> list[dict]:

@@ -111,6 +111,28 @@ COMMANDS = {"compress": _compress, "eval": _eval, "bench": _bench, "export": _ex
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Ctrl-C or SIGTERM at any point, even while torch is being imported, ends with one line and
+    exit 130 / 143 once the `finally` blocks on the way have removed what the run made (signals.py); a full disk
+    anywhere ends with one line and exit 2."""
+    from . import signals
+    from .fileio import disk_full, disk_full_error
+
+    with signals.terminate_raises():
+        try:
+            from .checkpoint.auto import register_auto_classes  # `import foldgpt` leaves it to the command line
+
+            register_auto_classes()
+            return _main(argv)
+        except (KeyboardInterrupt, signals.Terminated) as exc:
+            return signals.report(exc, argv)
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+            print(f"foldgpt: error: {disk_full_error(getattr(exc, 'filename', None) or 'its files')}", file=sys.stderr)
+            return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     from .errors import FoldGPTError
 
     args = build_parser().parse_args(argv)

@@ -87,9 +87,10 @@ def to_dense(folded: nn.Module) -> nn.Module:
 
 def export_dense(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write a plain base-architecture checkpoint of the folded model at `src` into `out`."""
-    from ..fileio import atomic_dir
+    from ..fileio import atomic_dir, check_output
     from .folded import load_folded
 
+    check_output(out, overwrite, option="--dense", inputs=[src])  # before the model loads
     folded, tok = load_folded(src)
     dense = to_dense(folded)
     with atomic_dir(out, overwrite) as tmp:

@@ -11,6 +11,7 @@ drops the teacher's tail mass beyond its top k tokens (the usual top-k distillat
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import Adapter
+from ..fileio import TEACHER_PREFIX, clean_stale
+from ..signals import signals_held
 from ..stages.analysis import capture_hidden
 from .precision import autocast
 
@@ -32,8 +35,13 @@ class TeacherCache:
     """Top-k log-probabilities and last-`tail_layers` block outputs of `teacher` for chosen windows."""
 
     def __init__(self, folder: str | Path | None = None):
+        """`folder` None: a private folder `foldgpt-teacher-<pid>-<random>` in the system temporary folder, removed
+        by close(); those of runs that were killed (their process is gone) are removed first."""
         self._own = folder is None
-        self.folder = Path(tempfile.mkdtemp(prefix="foldgpt-teacher-")) if folder is None else Path(folder)
+        if folder is None:
+            clean_stale(tempfile.gettempdir(), TEACHER_PREFIX)
+            folder = tempfile.mkdtemp(prefix=f"{TEACHER_PREFIX}{os.getpid()}-")
+        self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.bytes = 0
 
@@ -77,7 +85,8 @@ class TeacherCache:
 
     def close(self) -> None:
         if self._own:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            with signals_held():  # a second Ctrl-C does not leave half of it
+                shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def topk_kl(t_logp: torch.Tensor, t_tokens: torch.Tensor, student_logits: torch.Tensor,
