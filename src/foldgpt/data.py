@@ -35,14 +35,17 @@ class Corpus:
 
 
 def _read_file(path: Path) -> list[str]:
+    from .checks import decode_text_file
+
+    text = decode_text_file(path)  # UTF-8 and not binary, else one line
     if path.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(text.split("\n")):  # not splitlines(): JSON strings may hold U+2028
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise FoldGPTError(
                     f"{path}:{i + 1} is not valid JSON; each line must be an object with 'text'"
                 ) from None
@@ -50,7 +53,7 @@ def _read_file(path: Path) -> list[str]:
                 raise FoldGPTError(f"{path}:{i + 1} has no string field 'text'")
             docs.append(row["text"])
         return docs
-    return [path.read_text(encoding="utf-8", errors="replace")]
+    return [text]
 
 
 def builtin_text() -> str:

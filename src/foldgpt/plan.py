@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -111,6 +110,9 @@ class Plan:
         ]
 
     def validate(self) -> None:
+        from .schema import check_plan_units
+
+        check_plan_units(self)
         if self.version > PLAN_VERSION:
             raise FoldGPTError(f"plan version {self.version} is newer than this foldgpt ({PLAN_VERSION}); upgrade")
         if self.compensation not in ("", "replaceme", "linearpatch"):
@@ -169,18 +171,19 @@ class Plan:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> Plan:
-        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**d)
+    def from_dict(cls, d: dict, source: str = "the plan") -> Plan:
+        """A plan from its JSON object, checked against the schema (schema.py) first; `source` names it in errors."""
+        from .schema import check_plan_dict
+
+        check_plan_dict(d, source)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except FileNotFoundError:
-            raise FoldGPTError(f"plan file not found: {path}") from None
-        except (ValueError, TypeError) as exc:
-            raise FoldGPTError(f"{path} is not a valid foldgpt plan: {exc}") from None
+        from .schema import read_json
+
+        return cls.from_dict(read_json(path, "plan file", "give the plan.json that foldgpt compress wrote"),
+                             str(path))

@@ -88,8 +88,10 @@ def to_dense(folded: nn.Module) -> nn.Module:
 def export_dense(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write a plain base-architecture checkpoint of the folded model at `src` into `out`."""
     from ..fileio import atomic_dir
+    from ..preflight import check_output
     from .folded import load_folded
 
+    check_output(out, overwrite, "--dense", inputs=(src,))
     folded, tok = load_folded(src)
     dense = to_dense(folded)
     with atomic_dir(out, overwrite) as tmp:

@@ -1,0 +1,144 @@
+"""What each command checks before any work starts: the output location, the model argument, the plan, the settings
+against the model, the device. A bad input is one FoldGPTError line at once, not a failure at "(6/6): Saving"."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from .checks import check_source, optional_json, text_config
+from .errors import FoldGPTError
+
+
+def check_output(out: str | Path, overwrite: bool, option: str = "--out", kind: str = "folder",
+                 inputs: tuple = ()) -> None:
+    """An output `kind` ("folder" or "file") at `out` can be written: not the current folder nor one holding it, not
+    an input (`inputs`: paths the run reads) nor a folder holding one, not an existing folder without `overwrite`,
+    not under a file, in a writable place."""
+    if str(out).strip() == "":
+        raise FoldGPTError(f"{option} is empty; name the output {kind}")
+    out = Path(out)
+    where = out.resolve()
+    cwd = Path.cwd().resolve()
+    if kind == "folder" and (where == cwd or where in cwd.parents):
+        raise FoldGPTError(f"{option} {out} is the current folder (or holds it), which the output would replace; "
+                           f"name a new folder, e.g. {option} compressed/")
+    for src in inputs:
+        if src is None or not Path(src).exists():
+            continue
+        src = Path(src).resolve()
+        if where == src or where in src.parents:
+            raise FoldGPTError(f"{option} {out} is (or holds) the input {src}, which the output would replace; "
+                               f"choose another {option}")
+    if out.exists() or out.is_symlink():
+        if kind == "folder" and not out.is_dir():
+            raise FoldGPTError(f"{option} {out} is a file, not a folder; name a new folder")
+        if kind == "file" and out.is_dir():
+            raise FoldGPTError(f"{option} {out} is a folder; name a file, e.g. {Path(out) / 'results.json'}")
+        if kind == "folder" and not overwrite:
+            raise FoldGPTError(f"output folder {out} already exists; choose another {option} or pass --overwrite")
+    parent = where.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FoldGPTError(f"{option} {out} is under {parent}, which is a file, not a folder; choose a path in a "
+                           "folder")
+    try:  # the one sure test of a writable place (permissions, read-only or pseudo file systems)
+        fd, probe = tempfile.mkstemp(prefix=".foldgpt-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise FoldGPTError(f"cannot write {option} {out}: {parent} is not writable ({exc.strerror or exc}); choose "
+                           "a writable location") from None
+
+
+def check_device(device: str, option: str = "--device") -> None:
+    """A device torch knows and this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise FoldGPTError(f"{option} '{device}' is not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise FoldGPTError(f"{option} {device}, but torch sees no CUDA GPU here; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise FoldGPTError(f"{option} {device}, but there {'is' if count == 1 else 'are'} only {count} GPU(s) "
+                               f"(cuda:0..cuda:{count - 1}); choose one of them")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise FoldGPTError(f"{option} mps, but MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise FoldGPTError(f"{option} '{device}': foldgpt runs on cpu, cuda or mps")
+
+
+def _local_paths(specs) -> list[Path]:
+    if specs is None:
+        return []
+    specs = [specs] if isinstance(specs, (str, Path)) else list(specs)
+    return [Path(s) for s in specs if Path(s).exists()]
+
+
+def check_context(seq_len: int, config: dict, option: str = "--seq-len") -> None:
+    """`seq_len` fits the model's context (max_position_embeddings of its config, where it says)."""
+    ctx = text_config(config).get("max_position_embeddings")
+    if isinstance(ctx, int) and not isinstance(ctx, bool) and 0 < ctx < seq_len:
+        raise FoldGPTError(f"{option} {seq_len} is longer than the model's context ({ctx} tokens); use {option} "
+                           f"{ctx} or less")
+
+
+def check_layers(cfg, plan, layers: int) -> None:
+    """Settings that depend on the model's layer count: the remove rate, a given plan's layer count."""
+    if cfg.remove_rate is not None and round(cfg.remove_rate * layers) >= layers:
+        raise FoldGPTError(f"--remove-rate {cfg.remove_rate} removes {round(cfg.remove_rate * layers)} of the "
+                           f"model's {layers} layers, leaving none; lower it (at most {layers - 1} layers can go)")
+    if plan is not None and plan.num_layers != layers:
+        raise FoldGPTError(f"the plan was made for a model of {plan.num_layers} layers, this one has {layers}; give a "
+                           "plan made for this model")
+
+
+def preflight_compress(model: str, text, out, cfg, plan, overwrite: bool):
+    """Everything `compress` can check before it loads anything: the output location, the model argument (a folded
+    checkpoint is no base model), the plan (read and checked against the schema), the device, the settings against
+    the model's config where it is a local folder. Returns the plan (a Plan, or None)."""
+    from .plan import Plan
+
+    inputs = [*_local_paths(model), *_local_paths(text), *_local_paths(plan if isinstance(plan, (str, Path))
+                                                                        else None)]
+    check_output(out, overwrite, "--out", inputs=tuple(inputs))
+    check_device(cfg.device)
+    given = Plan.load(plan) if isinstance(plan, (str, Path)) else plan
+    config = check_source(model)
+    if config is not None and config.get("model_type") == "foldgpt":
+        base = optional_json(Path(model) / "plan.json").get("provenance", {}).get("model") or "its base model"
+        raise FoldGPTError(f"{model} is already a folded foldgpt checkpoint; compress the original model "
+                           f"({base}) instead, with the smaller --target-params you want")
+    if config is not None:
+        check_context(cfg.seq_len, config)
+        layers = text_config(config).get("num_hidden_layers")
+        if isinstance(layers, int):
+            check_layers(cfg, given, layers)
+        if given is not None and given.model_type not in (config["model_type"], text_config(config).get("model_type")):
+            raise FoldGPTError(f"the plan was made for a {given.model_type} model, this one is "
+                               f"{config['model_type']}; give a plan made for this model")
+    return given
+
+
+def preflight_eval(models: list[str], cfg, json_out, device: str) -> None:
+    """`eval`'s checks before the first model loads: every model argument, the JSON output, the device."""
+    for name in models:
+        check_source(name)
+    if json_out is not None:
+        check_output(json_out, True, "--json", kind="file", inputs=tuple(_local_paths(models)))
+    check_device(device)
+
+
+def preflight_generate(max_new_tokens: int, sample: bool, temperature: float) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise FoldGPTError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if sample and not (math.isfinite(temperature) and temperature > 0):
+        raise FoldGPTError(f"--temperature must be a finite number > 0 when sampling, got {temperature}; use e.g. "
+                           "--temperature 0.7, or drop --sample for greedy decoding")
