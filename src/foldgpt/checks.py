@@ -171,10 +171,13 @@ def check_folded(folder: str | Path) -> dict:
     if not folder.is_dir():
         raise FoldGPTError(f"{folder} is not a folder; give the folder foldgpt compress wrote")
     config = read_json(folder / "config.json", "model config", "give the folder foldgpt compress wrote")
-    if not isinstance(config, dict) or config.get("model_type") != "foldgpt" or "fold_layout" not in config:
+    if not isinstance(config, dict) or config.get("model_type") != "foldgpt":
         found = config.get("model_type") if isinstance(config, dict) else json_kind(config)
         raise FoldGPTError(f"{folder} is not a foldgpt folder (model_type {found}); give the folder foldgpt "
                            "compress wrote")
+    if "fold_layout" not in config:
+        raise FoldGPTError(f"{folder}/config.json has no fold_layout; the folder is damaged: write it again with "
+                           "foldgpt compress")
     check_folded_config(config, str(folder))
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
@@ -207,7 +210,8 @@ def check_source(source: str) -> dict | None:
         return None
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FoldGPTError(f"{source} is not a Hugging Face model folder (no config.json)")
+            raise FoldGPTError(f"{source} is not a Hugging Face model folder (no config.json); give the folder "
+                               "holding the model's config.json and weights")
         return check_model_folder(path)
     return None
 

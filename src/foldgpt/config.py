@@ -227,7 +227,8 @@ class CompressConfig:
                f"--device-map must be {' or '.join(repr(m) for m in DEVICE_MAPS)}, got '{self.device_map}'")
         _check(not (self.device_map and self.streaming),
                "--streaming and --device-map both place layers; use one (--device-map also trains and cures)")
-        _check(self.max_memory is None or self.device_map == "auto", "--max-memory needs --device-map auto")
+        _check(self.max_memory is None or self.device_map == "auto",
+               "--max-memory needs --device-map auto; add --device-map auto or drop --max-memory")
         _one_of(self.compensate, COMPENSATIONS, "--compensate")
         _finite(self)
 

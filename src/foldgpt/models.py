@@ -103,16 +103,18 @@ def resolve(source: str, convert_cache: str | Path | None = None) -> str:
     path = Path(source)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FoldGPTError(f"GGUF file not found: {source}")
+            raise FoldGPTError(f"GGUF file not found: {source}; check the path")
         check_gguf(path)
         return str(_gguf_to_safetensors(path, convert_cache))
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FoldGPTError(f"{source} is not a Hugging Face model folder (no config.json)")
+            raise FoldGPTError(f"{source} is not a Hugging Face model folder (no config.json); give the folder "
+                               "holding the model's config.json and weights")
         check_model_folder(path)  # before transformers reads it: one line for what it would trip on
         return str(path)
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise FoldGPTError(f"model path not found: {source}")
+        raise FoldGPTError(f"model path not found: {source}; give a model folder, a .gguf file, an alias "
+                           f"({', '.join(ALIASES)}) or a hub id")
     return source  # a hub id
 
 

@@ -113,9 +113,10 @@ def preflight_compress(model: str, text, out, cfg, plan, overwrite: bool):
     given = Plan.load(plan) if isinstance(plan, (str, Path)) else plan
     config = check_source(model)
     if config is not None and config.get("model_type") == "foldgpt":
-        base = optional_json(Path(model) / "plan.json").get("provenance", {}).get("model") or "its base model"
-        raise FoldGPTError(f"{model} is already a folded foldgpt checkpoint; compress the original model "
-                           f"({base}) instead, with the smaller --target-params you want")
+        base = optional_json(Path(model) / "plan.json").get("provenance", {}).get("model")
+        raise FoldGPTError(f"{model} is already a folded foldgpt checkpoint; compress the original model"
+                           f"{f' ({base})' if isinstance(base, str) else ''} instead, with the smaller "
+                           "--target-params you want")
     if config is not None:
         check_context(cfg.seq_len, config)
         layers = text_config(config).get("num_hidden_layers")
@@ -129,8 +130,12 @@ def preflight_compress(model: str, text, out, cfg, plan, overwrite: bool):
 
 def preflight_eval(models: list[str], cfg, json_out, device: str) -> None:
     """`eval`'s checks before the first model loads: every model argument, the JSON output, the device."""
+    from .evaluation.tasks import load_task
+
     for name in models:
         check_source(name)
+    for spec in cfg.tasks:  # read once here, so a bad task file stops the run before the first model loads
+        load_task(spec, cfg.task_limit)
     if json_out is not None:
         check_output(json_out, True, "--json", kind="file", inputs=tuple(_local_paths(models)))
     check_device(device)

@@ -89,7 +89,7 @@ def load_folded(path: str | Path, dtype: torch.dtype = torch.float32):
     try:
         model = load_folded_model(str(path), dtype)
     except (ValueError, RuntimeError) as exc:  # weights that do not fit the layout (names or shapes)
-        line = (str(exc).strip().splitlines() or [""])[0][:300]
+        line = " ".join(str(exc).split())[:300]
         raise FoldGPTError(f"{path}: the weights do not match config.json ({line}); the folder is damaged: write it "
                            "again with foldgpt compress") from None
     if config.get("fold_plan"):
