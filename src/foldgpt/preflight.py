@@ -113,7 +113,10 @@ def preflight_compress(model: str, text, out, cfg, plan, overwrite: bool):
     given = Plan.load(plan) if isinstance(plan, (str, Path)) else plan
     config = check_source(model)
     if config is not None and config.get("model_type") == "foldgpt":
-        base = optional_json(Path(model) / "plan.json").get("provenance", {}).get("model")
+        try:
+            base = optional_json(Path(model) / "plan.json").get("provenance", {}).get("model")
+        except (FoldGPTError, AttributeError):  # a damaged plan.json only loses the hint
+            base = None
         raise FoldGPTError(f"{model} is already a folded foldgpt checkpoint; compress the original model"
                            f"{f' ({base})' if isinstance(base, str) else ''} instead, with the smaller "
                            "--target-params you want")

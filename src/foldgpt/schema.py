@@ -21,6 +21,7 @@ SUBLAYERS = ("attn", "mlp")
 _UNIT = re.compile(r"(0|[1-9][0-9]*)(?:\.(attn|mlp))?")
 _INDEX = re.compile(r"0|[1-9][0-9]*")
 MAX_LAYERS = 100_000  # far beyond any model; guards against absurd counts in a damaged file
+MAX_RANK = 1 << 16  # low-rank factors beyond any Linear's size (apply_plan_ checks the model's own sizes)
 
 PLAN_FIELDS = ("num_layers", "model_type", "removed", "groups", "merges", "layer_kinds", "shared_linears",
                "adapter_rank", "adapter_init", "child_ranks", "child_modes", "position_gates", "child_gates",
@@ -200,11 +201,11 @@ def check_plan_parts(w: _Where, d: dict, n: int, adapter) -> None:
     for i, k in enumerate(kinds):
         _str(w, f"layer_kinds[{i}]", k)
     shared = _known_names(w, "shared_linears", d.get("shared_linears", []), adapter.linears)
-    _int(w, "adapter_rank", d.get("adapter_rank", 0))
+    _int(w, "adapter_rank", d.get("adapter_rank", 0), 0, MAX_RANK)
     _str(w, "adapter_init", d.get("adapter_init", "zero"), ADAPTER_INITS)
     for k, r in _dict(w, "child_ranks", d.get("child_ranks", {})).items():
         _index_key(w, "child_ranks", k, n)
-        _int(w, f"child_ranks[{k}]", r)
+        _int(w, f"child_ranks[{k}]", r, 0, MAX_RANK)
     for k, modes in _dict(w, "child_modes", d.get("child_modes", {})).items():
         _index_key(w, "child_modes", k, n)
         for path, mode in _dict(w, f"child_modes[{k}]", modes).items():
@@ -318,12 +319,12 @@ def check_layout(layout: dict, n: int, adapter, w: _Where) -> None:
                           adapter.linears)
     if parents and not shared:
         w.fail("fold_layout.shared_linears", "is empty, but the layout shares weights")
-    rank = _int(w, "fold_layout.adapter_rank", layout.get("adapter_rank", 0))
+    rank = _int(w, "fold_layout.adapter_rank", layout.get("adapter_rank", 0), 0, MAX_RANK)
     ranks = _dict(w, "fold_layout.child_ranks", layout.get("child_ranks", {}))
     for k, r in ranks.items():
         if _index_key(w, "fold_layout.child_ranks", k, positions) not in children:
             w.fail("fold_layout.child_ranks", f"gives position {k} a rank, but it is not a child")
-        _int(w, f"fold_layout.child_ranks[{k}]", r)
+        _int(w, f"fold_layout.child_ranks[{k}]", r, 0, MAX_RANK)
     for k, modes in _dict(w, "fold_layout.child_modes", layout.get("child_modes", {})).items():
         if _index_key(w, "fold_layout.child_modes", k, positions) not in children:
             w.fail("fold_layout.child_modes", f"gives position {k} modes, but it is not a child")
