@@ -484,7 +484,7 @@ CASES = [
     ("plan-child-gate-key", [*LLAMA, "--plan", "{plan_gate_key}"], "not a layer index"),
     ("plan-child-mode", [*LLAMA, "--plan", "{plan_mode_bad}"], "must be one of 'shared', 'alpha', 'own'"),
     ("plan-child-mode-name", [*LLAMA, "--plan", "{plan_mode_name}"], "'mlp.__init__', not a shared Linear"),
-    ("plan-child-rank-negative", [*LLAMA, "--plan", "{plan_rank_neg}"], "must be >= 0"),
+    ("plan-child-rank-negative", [*LLAMA, "--plan", "{plan_rank_neg}"], "child_ranks[1] is -4"),
     ("plan-compensation", [*LLAMA, "--plan", "{plan_compensation}"], "compensation must be one of"),
     ("plan-version-too-new", [*LLAMA, "--plan", "{plan_version}"], "newer than this foldgpt"),
     ("plan-removes-every-layer", [*LLAMA, "--plan", "{plan_all_removed}"], "removes every layer"),
@@ -652,6 +652,8 @@ def assert_one_line_error(code, stderr: str, expect: str) -> str:
 def test_bad_input(argv, expect, fx, tmp_path, monkeypatch):
     if "{readonly_parent}" in argv and os.geteuid() == 0:
         pytest.skip("permissions do not bind root")
+    if any(a.startswith("/proc/") for a in argv) and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
     case_dir = tmp_path / "case"
     case_dir.mkdir()
     args = _expand(argv, case_dir, fx)

@@ -15,8 +15,8 @@ import torch
 
 from foldgpt.errors import FoldGPTError
 
-N_LAYOUTS = 150  # per model
-N_PLANS = 200
+N_LAYOUTS = 120  # per model
+N_PLANS = 150
 
 # values a mutation may put anywhere
 VALUES = [None, True, False, 0, 1, 2, 3, -1, 4, 7, 99, 2**70, 1.5, -0.0, math.nan, math.inf, "", "0", "1", "-1",

@@ -223,7 +223,7 @@ def check_plan_parts(w: _Where, d: dict, n: int, adapter) -> None:
     _str(w, "unit", d.get("unit", "layer"))
     for key in ("gates", "scores"):
         for k, v in _dict(w, key, d.get(key, {})).items():
-            if not (_is_int(v) or isinstance(v, float)):
+            if not (v is None or _is_int(v) or isinstance(v, float)):
                 w.fail(f"{key}[{k}]", f"must be a number, got {_short(v)}")
     _dict(w, "provenance", d.get("provenance", {}))
     _int(w, "version", d.get("version", 1), 1)
