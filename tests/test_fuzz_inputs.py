@@ -19,10 +19,11 @@ N_LAYOUTS = 120  # per model
 N_PLANS = 150
 
 # values a mutation may put anywhere
-VALUES = [None, True, False, 0, 1, 2, 3, -1, 4, 7, 99, 2**70, 1.5, -0.0, math.nan, math.inf, "", "0", "1", "-1",
-          "01", "x", "1.foo", "3.attn", "attn", "mlp", "own", "alpha", "shared", "fit", "svd", "__class__",
-          "self_attn", "mlp.up_proj", "self_attn.q_proj", "model.layers", [], [0], [0, 1], [1, 0], [0, 0], [[0, 1]],
-          ["attn"], ["mlp.up_proj"], {}, {"0": 1}, {"1": 0}, {"1": 5}, {"1": {"mlp.up_proj": "own"}}, {"2": ["attn"]}]
+VALUES = [None, True, False, 0, 1, 2, 3, -1, 4, 7, 99, 2**70, 10**1000, "9" * 5000, 1.5, -0.0, math.nan, math.inf,
+          "", "0", "1", "-1", "01", "x", "1.foo", "3.attn", "attn", "mlp", "own", "alpha", "shared", "fit", "svd",
+          "__class__", "self_attn", "mlp.up_proj", "self_attn.q_proj", "model.layers", [], [0], [0, 1], [1, 0], [0, 0],
+          [[0, 1]], ["attn"], ["mlp.up_proj"], {}, {"0": 1}, {"1": 0}, {"1": 5}, {"1": {"mlp.up_proj": "own"}},
+          {"2": ["attn"]}]
 
 
 def _paths(node, prefix=()):

@@ -18,8 +18,8 @@ ADAPTER_INITS = ("zero", "svd", "fit")
 CHILD_MODES = ("shared", "alpha", "own")
 COMPENSATIONS = ("", "replaceme", "linearpatch")
 SUBLAYERS = ("attn", "mlp")
-_UNIT = re.compile(r"(0|[1-9][0-9]*)(?:\.(attn|mlp))?")
-_INDEX = re.compile(r"0|[1-9][0-9]*")
+_UNIT = re.compile(r"(0|[1-9][0-9]{0,8})(?:\.(attn|mlp))?")  # at most 9 digits: far beyond MAX_LAYERS
+_INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
 MAX_LAYERS = 100_000  # far beyond any model; guards against absurd counts in a damaged file
 MAX_RANK = 1 << 16  # low-rank factors beyond any Linear's size (apply_plan_ checks the model's own sizes)
 
@@ -27,8 +27,6 @@ PLAN_FIELDS = ("num_layers", "model_type", "removed", "groups", "merges", "layer
                "adapter_rank", "adapter_init", "child_ranks", "child_modes", "position_gates", "child_gates",
                "across_kinds", "compensation", "method", "unit", "gates", "scores", "provenance", "version")
 PLAN_DERIVED = ("layer_map",)  # written for people, recomputed on load
-
-
 MAX_JSON_BYTES = 256 << 20  # plans and configs are kilobytes; anything this large is not one
 
 
@@ -71,7 +69,8 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    """A finite JSON number that converts to a float (JSON integers may be arbitrarily large)."""
+    return (_is_int(v) and abs(v) < 10**300) or (isinstance(v, float) and math.isfinite(v))
 
 
 def json_kind(v) -> str:
