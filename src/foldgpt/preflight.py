@@ -18,7 +18,7 @@ def check_output(out: str | Path, overwrite: bool, option: str = "--out", kind: 
     an input (`inputs`: paths the run reads) nor a folder holding one, not an existing folder without `overwrite`,
     not under a file, in a writable place."""
     if str(out).strip() == "":
-        raise FoldGPTError(f"{option} is empty; name the output {kind}")
+        raise FoldGPTError(f"{option} is empty, which names the current folder; name a new {kind}")
     out = Path(out)
     where = out.resolve()
     cwd = Path.cwd().resolve()
