@@ -4,7 +4,6 @@ The pipeline under compress is in pipeline.py; what the verbs write for people t
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,11 +17,12 @@ from .data import calibration_batches, load_text, needs_bos, tokenize
 from .errors import FoldGPTError
 from .evaluation.cloze import cloze_examples
 from .evaluation.evaluate import evaluate_model
-from .fileio import atomic_dir, check_output, holds_output, input_paths, write_json_atomic
+from .fileio import atomic_dir, holds_output, input_paths, write_json_atomic
 from .methods import get_method
 from .models import load_model
 from .pipeline import prepare, run_method, write_outputs
 from .plan import Plan
+from .preflight import check_output, preflight_compress, preflight_eval, preflight_generate
 from .scale import placement
 from .stages.analysis import analysis_dict, similarity
 from .stages.cure import dist_info
@@ -83,9 +83,7 @@ def compress(model: str, text: list[str] | str | None, out: str | Path, config: 
     """Compress `model` (alias, folder, .gguf, hub id) into the folder `out`. Mirrors `foldgpt compress`."""
     cfg = config or CompressConfig()
     get_method(cfg.method)
-    if Path(out).exists() and not overwrite:
-        raise FoldGPTError(f"output folder {out} already exists; choose another --out or pass --overwrite")
-    given_plan = Plan.load(plan) if isinstance(plan, (str, Path)) else plan
+    given_plan = preflight_compress(model, text, out, cfg, plan, overwrite)  # every check before any work
     session = prepare(model, text, cfg, convert_cache)
     run = run_method(session, cfg, given_plan)
     summary = run.summary
@@ -114,11 +112,10 @@ def evaluate(models: list[str] | str, text: list[str] | str | None, config: Eval
     `config` with `settings` (EvalConfig fields, e.g. seq_len=512) over it. Mirrors `foldgpt eval`."""
     cfg = with_settings(config or EvalConfig(), settings)
     models = [models] if isinstance(models, str) else list(models)
-    if json_out is not None:
-        check_output(json_out, overwrite=True, option="--json", file=True)
     if not text and not cfg.tasks and not cfg.lm_eval:
         raise FoldGPTError("give evaluation text with --text (a .txt/.jsonl file, a directory or a dataset name) "
                            "or --tasks")
+    preflight_eval(models, cfg, json_out, device)  # every model and the output, before the first one loads
     corpus = load_text(text, split="test") if text else None
     if cfg.cloze and corpus is None:
         raise FoldGPTError("--cloze builds its examples from --text; give --text")
@@ -126,6 +123,8 @@ def evaluate(models: list[str] | str, text: list[str] | str | None, config: Eval
     rows = []
     for name in models:
         model, tok = load_model(name)
+        if tok is None:
+            raise FoldGPTError(f"{name} has no tokenizer; copy the base model's tokenizer files into it")
         adapter = get_adapter(model.config)
         if device_map:
             placement.apply(model, adapter, placement.plan(model, adapter, device_map, device, max_memory))
@@ -152,19 +151,14 @@ def evaluate(models: list[str] | str, text: list[str] | str | None, config: Eval
 
 def info(path: str | Path) -> dict:
     """What a compressed folder holds: base model, removed units, groups, sizes. Mirrors `foldgpt info`."""
+    from .checks import check_folded, optional_json
+
     path = Path(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        raise FoldGPTError(f"{path} is not a model folder (no readable config.json)") from None
-    if config.get("model_type") != "foldgpt":
-        raise FoldGPTError(f"{path} is not a foldgpt folder (model_type {config.get('model_type')})")
-    summary = {}
-    if (path / "summary.json").exists():
-        summary = json.loads((path / "summary.json").read_text())
+    config = check_folded(path)  # the layout against the schema, the weights present and readable
+    summary = optional_json(path / "summary.json")
     plan = config.get("fold_plan", {})
     layout = config["fold_layout"]
-    prov = json.loads((path / "plan.json").read_text()).get("provenance", {}) if (path / "plan.json").exists() else {}
+    prov = optional_json(path / "plan.json").get("provenance", {})
     files = sorted(p for p in path.iterdir() if p.is_file())
     return {
         "path": str(path),
@@ -188,9 +182,10 @@ def info(path: str | Path) -> dict:
 def generate(path: str | Path, prompt: str, max_new_tokens: int = 64, sample: bool = False,
              temperature: float = 0.7, chat: bool = True, seed: int = 0) -> str:
     """Generate a continuation (with the chat template when the tokenizer has one). Mirrors `foldgpt generate`."""
+    preflight_generate(max_new_tokens, sample, temperature)
     model, tok = load_model(str(path))
     if tok is None:
-        raise FoldGPTError(f"{path} has no tokenizer")
+        raise FoldGPTError(f"{path} has no tokenizer; copy the base model's tokenizer files into it")
     torch.manual_seed(seed)
     if chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,

@@ -31,6 +31,14 @@ EPILOG = """quick start:
 _FLAGS = ("store_true", "store_false", argparse.BooleanOptionalAction)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error form: one `foldgpt: error:` line (no usage block), exit code 2."""
+
+    def error(self, message: str):
+        line = " ".join(message.split())
+        self.exit(2, f"foldgpt: error: {line}; see '{self.prog} --help'\n")
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -104,8 +112,8 @@ def eval_config(args: argparse.Namespace) -> EvalConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="foldgpt", description="Compress LLMs in depth: gated removal + folding + cure.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="foldgpt", description="Compress LLMs in depth: gated removal + folding + cure.",
+               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
 

@@ -4,6 +4,7 @@ takes its defaults and choices from here, and library code never sees argparse."
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 from .errors import FoldGPTError
@@ -29,6 +30,16 @@ COMPENSATIONS = ("none", "replaceme", "linearpatch")
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise FoldGPTError(msg)
+
+
+def _finite(obj, prefix: str = "") -> None:
+    """Every number of a configuration part is finite (nan or inf, from the command line or a bench override, would
+    otherwise surface as a failure deep in a stage)."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise FoldGPTError(f"setting {prefix}{f.name} must be a finite number, got {value}")
 
 
 def _one_of(value, choices: tuple, name: str) -> None:
@@ -68,6 +79,9 @@ class RankingConfig:
         _check(bool(self.actions) and set(self.actions) <= set(SEARCH_ACTIONS),
                f"search actions must be among {', '.join(SEARCH_ACTIONS)}; got {self.actions}")
         _check(self.topk >= 1 and self.search_windows >= 1, "--topk and search windows must be >= 1")
+        _check(self.per_step >= 1, f"--per-step must be >= 1, got {self.per_step}")
+        _check(self.confirm >= 0 and self.confirm_windows >= 1, "--confirm must be >= 0 (0: off)")
+        _finite(self, "ranking.")
 
     @property
     def fixed_unit(self) -> str:
@@ -95,6 +109,9 @@ class GateConfig:
     def __post_init__(self):
         _check(self.steps >= 1, "gate steps must be >= 1")
         _one_of(self.budget, GATE_BUDGETS, "gate budget")
+        _check(self.rounds >= 1 and self.batch_size >= 1, "gate rounds and batch size must be >= 1")
+        _check(self.micro_batch >= 0, f"--micro-batch must be >= 0 (0: no micro-batches), got {self.micro_batch}")
+        _finite(self, "gate.")
 
 
 @dataclass
@@ -122,6 +139,8 @@ class FoldConfig:
         _one_of(self.adapter_init, ADAPTER_INITS, "adapter init")
         _check(self.fit_windows >= 1, "fit windows must be >= 1")
         _one_of(self.select, FOLD_SELECTS, "fold selection")
+        _check(self.cost_batch >= 1, "fold cost batch must be >= 1")
+        _finite(self, "fold.")
 
 
 @dataclass
@@ -160,6 +179,10 @@ class CureConfig:
         _check(self.lora_rank >= 0, "cure LoRA rank must be >= 0")
         _check(self.teacher_topk >= 1, "--teacher-topk must be >= 1")
         _one_of(self.precision, PRECISIONS, "precision")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"--cure-lr must be a finite number > 0, got {self.lr}")
+        _check(self.micro_batch >= 0, f"--micro-batch must be >= 0 (0: no micro-batches), got {self.micro_batch}")
+        _check(self.batch_size >= 1 and self.warmup >= 0, "cure batch size must be >= 1 and warmup >= 0")
+        _finite(self, "cure.")
 
 
 @dataclass
@@ -204,8 +227,10 @@ class CompressConfig:
                f"--device-map must be {' or '.join(repr(m) for m in DEVICE_MAPS)}, got '{self.device_map}'")
         _check(not (self.device_map and self.streaming),
                "--streaming and --device-map both place layers; use one (--device-map also trains and cures)")
-        _check(self.max_memory is None or self.device_map == "auto", "--max-memory needs --device-map auto")
+        _check(self.max_memory is None or self.device_map == "auto",
+               "--max-memory needs --device-map auto; add --device-map auto or drop --max-memory")
         _one_of(self.compensate, COMPENSATIONS, "--compensate")
+        _finite(self)
 
     def to_dict(self) -> dict:
         """Every setting, with the layout's CONFIG_VERSION."""
@@ -229,6 +254,7 @@ class EvalConfig:
         _check(self.batch_size >= 1, "--batch-size must be >= 1")
         _check(self.task_limit is None or self.task_limit >= 1, "--task-limit must be >= 1")
         _check(self.cloze >= 0, "--cloze must be >= 0")
+        _check(self.max_tokens is None or self.max_tokens >= 1, f"--max-tokens must be >= 1, got {self.max_tokens}")
 
 
 def with_settings(cfg, settings: dict[str, object]):

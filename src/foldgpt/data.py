@@ -35,22 +35,26 @@ class Corpus:
 
 
 def _read_file(path: Path) -> list[str]:
+    from .checks import decode_text_file
+
+    text = decode_text_file(path)  # UTF-8 and not binary, else one line
     if path.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(text.split("\n")):  # not splitlines(): JSON strings may hold U+2028
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise FoldGPTError(
                     f"{path}:{i + 1} is not valid JSON; each line must be an object with 'text'"
                 ) from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise FoldGPTError(f"{path}:{i + 1} has no string field 'text'")
+                raise FoldGPTError(f"{path}:{i + 1} has no string field 'text'; each line must be a JSON object "
+                                   "with the text in 'text'")
             docs.append(row["text"])
         return docs
-    return [path.read_text(encoding="utf-8", errors="replace")]
+    return [text]
 
 
 def builtin_text() -> str:
@@ -109,7 +113,8 @@ def load_text(specs: list[str] | str | None, split: str = "train") -> Corpus:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
             if not files:
-                raise FoldGPTError(f"directory {spec} contains no .txt or .jsonl files")
+                raise FoldGPTError(f"directory {spec} contains no .txt or .jsonl files; give a folder of text "
+                                   "files, or the files themselves")
             for f in files:
                 docs.extend(_read_file(f))
                 sources.append(str(f))
@@ -123,7 +128,7 @@ def load_text(specs: list[str] | str | None, split: str = "train") -> Corpus:
             )
     text = "\n\n".join(d for d in docs if d)
     if not text.strip():
-        raise FoldGPTError(f"the text given ({', '.join(specs)}) is empty")
+        raise FoldGPTError(f"the text given ({', '.join(specs)}) is empty; give text to work on")
     return Corpus(text, sources)
 
 

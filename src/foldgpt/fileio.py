@@ -69,8 +69,13 @@ def check_output(out: str | Path, overwrite: bool = False, *, option: str = "--o
     if not ancestor.is_dir():
         raise FoldGPTError(f"{ancestor} is a file, so {option} {out} cannot be created under it; "
                            f"choose another {option}")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise FoldGPTError(f"cannot write in {ancestor} (permission denied or read-only); choose another {option}")
+    try:  # the one sure test of a writable place (permissions, read-only or pseudo file systems, even as root)
+        fd, probe = tempfile.mkstemp(prefix=".foldgpt-probe-", dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise FoldGPTError(f"cannot write in {ancestor} ({exc.strerror or exc}: permission denied or read-only); "
+                           f"choose another {option}") from None
     for given in inputs:
         path = Path(given)
         if path.exists() and (path.resolve() == resolved or resolved in path.resolve().parents):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_gguf, check_model_folder
 from .errors import FoldGPTError
 from .fileio import staging_dir
 
@@ -75,8 +76,13 @@ def _gguf_to_safetensors(gguf_path: Path, cache: Path | None) -> Path:
         return out
     log.info("converting %s to safetensors (once; cached in %s)", gguf_path.name, out)
     src, name = str(gguf_path.parent), gguf_path.name
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - transformers' GGUF reader fails on odd files in many ways
+        line = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise FoldGPTError(f"cannot convert {gguf_path} ({type(exc).__name__}: {line}); give a GGUF of a supported "
+                           "architecture, or the model's Hugging Face folder") from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -97,20 +103,24 @@ def resolve(source: str, convert_cache: str | Path | None = None) -> str:
     path = Path(source)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FoldGPTError(f"GGUF file not found: {source}")
+            raise FoldGPTError(f"GGUF file not found: {source}; check the path")
+        check_gguf(path)
         return str(_gguf_to_safetensors(path, convert_cache))
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FoldGPTError(f"{source} is not a Hugging Face model folder (no config.json)")
+            raise FoldGPTError(f"{source} is not a Hugging Face model folder (no config.json); give the folder "
+                               "holding the model's config.json and weights")
+        check_model_folder(path)  # before transformers reads it: one line for what it would trip on
         return str(path)
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise FoldGPTError(f"model path not found: {source}")
+        raise FoldGPTError(f"model path not found: {source}; give a model folder, a .gguf file, an alias "
+                           f"({', '.join(ALIASES)}) or a hub id")
     return source  # a hub id
 
 
 def load_model(source: str, convert_cache: str | Path | None = None, dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer) in eval mode. A foldgpt output folder loads as its folded model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from .adapters import get_adapter
 
@@ -121,14 +131,26 @@ def load_model(source: str, convert_cache: str | Path | None = None, dtype: torc
         return load_folded(path)
     try:
         config = AutoConfig.from_pretrained(path)
-    except OSError as exc:
-        raise FoldGPTError(f"cannot load model '{source}': {str(exc).splitlines()[0]}") from None
-    get_adapter(config)  # fail early, with the list of supported types
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        get_adapter(config)  # fail early, with the list of supported types
+        tok = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise FoldGPTError(f"cannot load model '{source}': {(str(exc).strip().splitlines() or [''])[0]}") from None
     model.eval()
     model.config._name_or_path = source
     return model, tok
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a local model folder; damaged tokenizer files give one line."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - tokenizers and transformers fail on damaged files in many ways
+        line = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise FoldGPTError(f"cannot read the tokenizer of {path} ({type(exc).__name__}: {line}); copy the base "
+                           "model's tokenizer files into it") from None
 
 
 def _is_foldgpt_folder(path: str) -> bool:

@@ -23,6 +23,7 @@ from .methods import Context, MethodInfo, get_method
 from .methods.greedy import SearchCache
 from .models import load_model
 from .plan import Plan
+from .preflight import check_context
 from .scale import placement
 from .stages.analysis import analysis_dict, similarity
 from .stages.budget import plan_budget
@@ -107,6 +108,7 @@ def prepare(model: str, text: list[str] | str | None, cfg: CompressConfig,
     with timer.stage("Loading", 1, 6):
         dense, tok = load_model(model, convert_cache)
         adapter = get_adapter(dense.config)
+        check_context(cfg.seq_len, dense.config.to_dict())  # hub ids and GGUF files: known only now
         if cfg.device_map:  # layers spread over devices or offloaded to the CPU, moved in as they run
             placement.apply(dense, adapter, placement.plan(dense, adapter, cfg.device_map, cfg.device,
                                                            cfg.max_memory))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -111,6 +110,9 @@ class Plan:
         ]
 
     def validate(self) -> None:
+        from .schema import check_plan_units
+
+        check_plan_units(self)
         if self.version > PLAN_VERSION:
             raise FoldGPTError(f"plan version {self.version} is newer than this foldgpt ({PLAN_VERSION}); upgrade")
         if self.compensation not in ("", "replaceme", "linearpatch"):
@@ -127,7 +129,8 @@ class Plan:
                 if layer in self.removed_sublayers():
                     raise FoldGPTError(f"plan group {g} uses layer {layer}, which lost a sub-block; it cannot share")
                 if layer not in kept or layer in seen:
-                    raise FoldGPTError(f"plan group {g} uses layer {layer}, which is removed or already grouped")
+                    raise FoldGPTError(f"plan group {g} uses layer {layer}, which is removed or already grouped; a "
+                                       "kept layer may be in one group")
                 seen.add(layer)
             if self.layer_kinds and len({self.layer_kinds[i] for i in g}) > 1 and not self.across_kinds:
                 raise FoldGPTError(f"plan group {g} mixes attention kinds; only same-kind layers may share unless "
@@ -135,15 +138,18 @@ class Plan:
         children = set(self.parent_of())
         for c in self.child_gates:
             if int(c) not in children:
-                raise FoldGPTError(f"plan gives layer {c} a child gate, but it is not a folded child")
+                raise FoldGPTError(f"plan gives layer {c} a child gate, but it is not a folded child; give child gates "
+                                   "to the children of groups only")
         if self.adapter_init not in ("zero", "svd", "fit"):
             raise FoldGPTError(f"plan adapter_init must be 'zero', 'svd' or 'fit', got '{self.adapter_init}'")
         for c, r in self.child_ranks.items():
             if int(c) not in children or r < 0:
-                raise FoldGPTError(f"plan gives layer {c} a child rank {r}, but it is not a folded child (or r < 0)")
+                raise FoldGPTError(f"plan gives layer {c} a child rank {r}, but it is not a folded child (or r < 0); "
+                                   "give ranks >= 0 to the children of groups only")
         for c, modes in self.child_modes.items():
             if int(c) not in children:
-                raise FoldGPTError(f"plan gives layer {c} child modes, but it is not a folded child")
+                raise FoldGPTError(f"plan gives layer {c} child modes, but it is not a folded child; give modes to the "
+                                   "children of groups only")
             for path, mode in modes.items():
                 if mode not in ("shared", "alpha", "own"):
                     raise FoldGPTError(f"plan child {c}: mode '{mode}' of {path} must be shared, alpha or own")
@@ -155,11 +161,13 @@ class Plan:
             if len(m) < 2 or m != sorted(set(m)) or m[0] < 0 or m[-1] >= self.num_layers:
                 raise FoldGPTError(f"plan merge {m} must list >= 2 layers of the model in increasing order")
             if m[0] not in kept:
-                raise FoldGPTError(f"plan merge {m} merges into layer {m[0]}, which the plan removes")
+                raise FoldGPTError(f"plan merge {m} merges into layer {m[0]}, which the plan removes; keep the first "
+                                   "layer of a merge")
             if any(layer not in gone for layer in m[1:]):
                 raise FoldGPTError(f"plan merge {m}: the merged layers {m[1:]} must be removed whole")
             if merged.intersection(m):
-                raise FoldGPTError(f"plan merge {m} uses a layer that another merge already uses")
+                raise FoldGPTError(f"plan merge {m} uses a layer that another merge already uses; each layer may be in "
+                                   "one merge")
             merged.update(m)
 
     # ---- I/O --------------------------------------------------------------------------------
@@ -169,18 +177,19 @@ class Plan:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> Plan:
-        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**d)
+    def from_dict(cls, d: dict, source: str = "the plan") -> Plan:
+        """A plan from its JSON object, checked against the schema (schema.py) first; `source` names it in errors."""
+        from .schema import check_plan_dict
+
+        check_plan_dict(d, source)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except FileNotFoundError:
-            raise FoldGPTError(f"plan file not found: {path}") from None
-        except (ValueError, TypeError) as exc:
-            raise FoldGPTError(f"{path} is not a valid foldgpt plan: {exc}") from None
+        from .schema import read_json
+
+        return cls.from_dict(read_json(path, "plan file", "give the plan.json that foldgpt compress wrote"),
+                             str(path))

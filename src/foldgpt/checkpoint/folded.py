@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..adapters import get_adapter
+from ..checks import check_folded
 from ..errors import FoldGPTError
 from ..plan import Plan
 from ..stages.structure import layout_from_plan
@@ -81,22 +82,17 @@ def save_folded(model: nn.Module, tokenizer, plan: Plan, out: str | Path, base_c
 
 def load_folded(path: str | Path, dtype: torch.dtype = torch.float32):
     """Load a foldgpt folder as (model, tokenizer). Shared weights are allocated once."""
-    from transformers import AutoTokenizer
+    from ..models import load_tokenizer
 
     path = Path(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise FoldGPTError(f"{path} is not a foldgpt model folder: {exc}") from None
-    if config.get("model_type") != "foldgpt" or "fold_layout" not in config:
-        raise FoldGPTError(f"{path}/config.json is not a foldgpt config (model_type={config.get('model_type')})")
-    if not (path / WEIGHTS_NAME).exists():
-        raise FoldGPTError(f"{path} has no {WEIGHTS_NAME}")
+    config = check_folded(path)  # config.json against the schema, the weights' header: before building anything
     try:
         model = load_folded_model(str(path), dtype)
-    except ValueError as exc:
-        raise FoldGPTError(str(exc)) from None
+    except (ValueError, RuntimeError) as exc:  # weights that do not fit the layout (names or shapes)
+        line = " ".join(str(exc).split())[:300]
+        raise FoldGPTError(f"{path}: the weights do not match config.json ({line}); the folder is damaged: write it "
+                           "again with foldgpt compress") from None
     if config.get("fold_plan"):
-        model.fold_plan = Plan.from_dict(config["fold_plan"])
-    tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+        model.fold_plan = Plan.from_dict(config["fold_plan"], f"{path}/config.json's fold_plan")
+    tok = load_tokenizer(path) if (path / "tokenizer_config.json").exists() else None
     return model, tok

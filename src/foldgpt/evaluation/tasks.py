@@ -90,7 +90,7 @@ def load_task(spec: str | Path, limit: int | None = None, seed: int = 42) -> Tas
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise FoldGPTError(f"task file {path} is not valid JSON: {exc}") from None
 
 
@@ -127,17 +127,20 @@ def _bigbench_example(ex: dict, fmt: dict, seed: int) -> Example:
 
 def _jsonl_examples(path: Path, limit: int | None) -> list[Example]:
     out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FoldGPTError(f"{path}:{lineno} is not valid JSON: {exc}") from None
-            out.append(_jsonl_example(row, f"{path}:{lineno}"))
-            if limit is not None and len(out) >= limit:
-                break
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise FoldGPTError(f"task file {path} is not UTF-8 text; convert it to UTF-8") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise FoldGPTError(f"{path}:{lineno} is not valid JSON: {exc}") from None
+        out.append(_jsonl_example(row, f"{path}:{lineno}"))
+        if limit is not None and len(out) >= limit:
+            break
     if not out:
         raise FoldGPTError(f"task file {path} has no examples")
     return out

@@ -52,6 +52,9 @@ def plan_budget(model: nn.Module, adapter: Adapter, num_layers: int, target: flo
     else:
         n_remove = math.ceil((base - tgt) / block)
     while True:
+        if n_remove >= num_layers and remove_rate is not None:
+            raise FoldGPTError(f"--remove-rate {remove_rate} removes {n_remove} of the model's {num_layers} layers, "
+                               f"leaving none; lower it (at most {num_layers - 1} layers can go)")
         if n_remove >= num_layers:
             raise FoldGPTError(f"--target-params {target} is too small for this model; raise it")
         max_children = _max_children(num_layers - n_remove, group_size)

@@ -108,6 +108,11 @@ def apply_plan_(model: nn.Module, plan: Plan, adapter: Adapter, seed: int = 0, f
             a, b = layers[c].get_submodule(path).weight.shape, layers[p].get_submodule(path).weight.shape
             raise FoldGPTError(f"layer {c} cannot share layer {p}'s {path}: shapes {tuple(a)} and {tuple(b)} "
                                "differ; group layers of the same shapes")
+        rank, size = plan.child_ranks.get(str(c), plan.adapter_rank), max(max(layers[c].get_submodule(q).weight.shape)
+                                                                         for q in paths)
+        if rank > size:
+            raise FoldGPTError(f"plan gives child {c} rank {rank}, more than its Linears' largest size {size}; "
+                               "lower the rank")
 
     kept, parent_of = plan.kept_layers(), plan.parent_of()
 
