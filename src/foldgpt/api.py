@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .methods import get_method
 from .models import load_model
 from .pipeline import prepare, run_method, write_outputs
 from .plan import Plan
+from .resume import Resume
 from .scale import placement
 from .stages.analysis import analysis_dict, similarity
 from .stages.cure import dist_info
@@ -77,15 +79,18 @@ class CompressResult:
 
 def compress(model: str, text: list[str] | str | None, out: str | Path, config: CompressConfig | None = None,
              plan: str | Path | Plan | None = None, overwrite: bool = False,
-             convert_cache: str | Path | None = None) -> CompressResult:
-    """Compress `model` (alias, folder, .gguf, hub id) into the folder `out`. Mirrors `foldgpt compress`."""
+             convert_cache: str | Path | None = None, fresh: bool = False) -> CompressResult:
+    """Compress `model` (alias, folder, .gguf, hub id) into the folder `out`. Mirrors `foldgpt compress`.
+    Finished stages are saved beside `out` (resume.py) and a rerun continues from them; `fresh`: start over."""
     cfg = config or CompressConfig()
     get_method(cfg.method)
     if Path(out).exists() and not overwrite:
         raise FoldGPTError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     given_plan = Plan.load(plan) if isinstance(plan, (str, Path)) else plan
-    session = prepare(model, text, cfg, convert_cache)
-    run = run_method(session, cfg, given_plan)
+    state = Resume(out, given_plan, fresh) if dist_info()[1] == 1 else None  # under torchrun: no saved state
+    with state.kept() if state is not None else nullcontext():
+        session = prepare(model, text, cfg, convert_cache, resume=state)
+        run = run_method(session, cfg, given_plan, resume=state)
     summary = run.summary
     rank, world = dist_info()
     if world > 1:
@@ -100,6 +105,8 @@ def compress(model: str, text: list[str] | str | None, out: str | Path, config: 
         write_outputs(tmp, run, session.tokenizer, session.analysis, model)
         summary["seconds"]["Saving"] = round(time.perf_counter() - t, 2)
         write_json_atomic(tmp / "summary.json", summary)
+    if state is not None:
+        state.discard()
     return CompressResult(Path(out), run.plan, summary, run.student, session.tokenizer)
 
 

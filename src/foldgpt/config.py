@@ -152,6 +152,7 @@ class CureConfig:
     teacher_cache_dir: str | None = None  # None: a temporary folder, deleted after the cure
     fsdp: bool = False  # under torchrun: shard each unique frozen Linear across the processes (FSDP2)
     seed: int | None = None  # the cure's own seed (data order, adapter init); None: the run's --seed
+    checkpoint_every: int = 25  # compress saves the cure's state every this many steps, to resume from (0: never)
 
     def __post_init__(self):
         _check(self.steps >= 0, "cure steps must be >= 0")
@@ -159,6 +160,7 @@ class CureConfig:
         _check(self.child_lr_scale >= 0, "child learning-rate scale must be >= 0")
         _check(self.lora_rank >= 0, "cure LoRA rank must be >= 0")
         _check(self.teacher_topk >= 1, "--teacher-topk must be >= 1")
+        _check(self.checkpoint_every >= 0, "--cure-checkpoint-every must be >= 0 (0: no checkpoints)")
         _one_of(self.precision, PRECISIONS, "precision")
 
 
