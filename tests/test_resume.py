@@ -33,16 +33,38 @@ def setup(tmp_path_factory):
 def config(ranking: str = "search", **kw):
     cfg = fast_config(ranking=ranking, target_params=0.5, calib_seqs=24, **kw)
     cfg.cure.steps, cfg.cure.checkpoint_every = 6, 2
+    cfg.ranking.per_step = 1  # one action per search step: 8 steps
     return cfg
 
 
+class SearchLog(logging.Handler):
+    """The search's step lines (the actions taken, the loss, how many actions were scored) while it is attached."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        if record.getMessage().startswith(("search: layer", "FoldGPT ranking")):
+            self.lines.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger("foldgpt").addHandler(self)
+        logging.getLogger("foldgpt").setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("foldgpt").removeHandler(self)
+
+
 def reference(setup, ranking: str = "search"):
-    """The uninterrupted run's output folder (made once per ranking)."""
+    """The uninterrupted run: its output folder and its search steps (made once per ranking)."""
     if ranking not in setup["runs"]:
         out = setup["root"] / f"ref-{ranking}"
-        api.compress(setup["model"], [setup["text"]], out, config(ranking))
+        with SearchLog() as steps:
+            api.compress(setup["model"], [setup["text"]], out, config(ranking))
         assert not state_dir(out).exists()
-        setup["runs"][ranking] = out
+        setup["runs"][ranking] = out, steps.lines
     return setup["runs"][ranking]
 
 
@@ -80,7 +102,7 @@ def stop_after(monkeypatch, cls, name: str, when):
 
 STOPS = {  # where the run stops -> (the hook, when it stops, what the rerun says it resumes)
     "analysis": (Resume, "save_similarity", lambda *a: True, "resuming: analysis from"),
-    "search": (Resume, "save_search", lambda self, state: state["rounds"] == 2, "resuming: analysis, 2 search steps"),
+    "search": (Resume, "save_search", lambda self, state: state["rounds"] == 3, "resuming: analysis, 3 search steps"),
     "plan": (Resume, "planned", lambda *a: True, "resuming: analysis, plan from"),
     "cure": (CureCheckpoints, "step_done", lambda self, step, *a: step == 3, "resuming: analysis, plan, cure at step 2"),
     "measuring": (CureCheckpoints, "step_done", lambda self, step, steps, *a: step == steps,
@@ -90,40 +112,45 @@ STOPS = {  # where the run stops -> (the hook, when it stops, what the rerun say
 
 @pytest.mark.parametrize("stage", list(STOPS))
 def test_a_stopped_compress_continues_from_its_last_stage_with_the_same_result(setup, stage, monkeypatch, caplog):
-    ref = reference(setup)
+    ref, ref_steps = reference(setup)
     out = setup["root"] / f"stopped-{stage}"
     cls, name, when, said = STOPS[stage]
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m, SearchLog() as before:
         stop_after(m, cls, name, when)
         with pytest.raises(Stop):
             api.compress(setup["model"], [setup["text"]], out, config())
     assert not out.exists() and state_dir(out).is_dir()
-    with caplog.at_level(logging.INFO, logger="foldgpt"):
+    with caplog.at_level(logging.INFO, logger="foldgpt"), SearchLog() as after:
         api.compress(setup["model"], [setup["text"]], out, config())
     assert said in caplog.text
     if stage == "cure":
         assert "cure: continuing from the checkpoint at step 2" in caplog.text
     assert_same_result(out, ref)
+    # the search steps before the stop and after it are the uninterrupted search's: same actions, same losses, the
+    # same number of actions scored (the lazy search's saved scores carried over)
+    assert len(ref_steps) == 8 and before.lines + after.lines == ref_steps
 
 
 def test_a_stopped_greedy_ranking_continues_its_search(setup, monkeypatch, caplog):
     from foldgpt.resume import _Searches
 
-    ref = reference(setup, "greedy")
+    ref, ref_steps = reference(setup, "greedy")
     out = setup["root"] / "stopped-greedy"
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m, SearchLog() as before:
         stop_after(m, _Searches, "put", lambda self, key, search: len(search.order) == 2)
         with pytest.raises(Stop):
             api.compress(setup["model"], [setup["text"]], out, config("greedy"))
-    with caplog.at_level(logging.INFO, logger="foldgpt"):
+    with caplog.at_level(logging.INFO, logger="foldgpt"), SearchLog() as after:
         api.compress(setup["model"], [setup["text"]], out, config("greedy"))
     assert "resuming: analysis, 1 greedy search from" in caplog.text
     assert "continuing the greedy search saved in" in caplog.text
     assert_same_result(out, ref)
+    # the second step was saved before the stop, but not logged
+    assert len(ref_steps) == 4 and before.lines + after.lines == ref_steps[:1] + ref_steps[2:]
 
 
 def test_state_saved_for_other_text_or_settings_is_ignored_and_replaced(setup, monkeypatch, caplog):
-    ref = reference(setup)
+    ref, _ = reference(setup)
     out = setup["root"] / "other-text"
     with monkeypatch.context() as m:
         stop_after(m, Resume, "planned", lambda *a: True)
@@ -152,7 +179,7 @@ def test_state_saved_for_other_text_or_settings_is_ignored_and_replaced(setup, m
 def test_fresh_deletes_the_saved_state_and_the_cli_takes_the_options(setup, monkeypatch, caplog):
     from foldgpt.cli import main
 
-    ref = reference(setup)
+    ref, _ = reference(setup)
     out = setup["root"] / "fresh"
     with monkeypatch.context() as m:
         stop_after(m, Resume, "planned", lambda *a: True)
@@ -164,7 +191,7 @@ def test_fresh_deletes_the_saved_state_and_the_cli_takes_the_options(setup, monk
         code = main(["compress", setup["model"], "--text", setup["text"], "--out", str(out), "--fresh",
                      "--target-params", "0.5", "--seq-len", "32", "--calib-seqs", "24", "--cure-steps", "6",
                      "--cure-checkpoint-every", "2", "--ranking", "search", "--unit", "layer", "--adapter-rank", "2",
-                     "--gate-steps", "24"])
+                     "--gate-steps", "24", "--per-step", "1"])
     assert code == 0
     assert f"--fresh: removed the state saved in {state}" in caplog.text and "resuming" not in caplog.text
     assert not state.exists()
