@@ -104,7 +104,8 @@ STOPS = {  # where the run stops -> (the hook, when it stops, what the rerun say
     "analysis": (Resume, "save_similarity", lambda *a: True, "resuming: analysis from"),
     "search": (Resume, "save_search", lambda self, state: state["rounds"] == 3, "resuming: analysis, 3 search steps"),
     "plan": (Resume, "planned", lambda *a: True, "resuming: analysis, plan from"),
-    "cure": (CureCheckpoints, "step_done", lambda self, step, *a: step == 3, "resuming: analysis, plan, cure at step 2"),
+    "cure": (CureCheckpoints, "step_done", lambda self, step, *a: step == 3,
+             "resuming: analysis, plan, cure at step 2"),
     "measuring": (CureCheckpoints, "step_done", lambda self, step, steps, *a: step == steps,
                   "resuming: analysis, plan, cure at step 6"),
 }
