@@ -71,7 +71,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256(repr((type(model).__name__, model.config.model_type)).encode())
     for name, t in model.state_dict().items():
         flat = t.detach().reshape(-1)
-        idx = torch.linspace(0, max(flat.numel() - 1, 0), min(4096, flat.numel())).long()
+        n = min(4096, flat.numel())
+        idx = torch.arange(n, dtype=torch.int64) * (flat.numel() - 1) // max(n - 1, 1)
         h.update(repr((name, tuple(t.shape), str(t.dtype))).encode())
         h.update(flat[idx.to(flat.device)].to("cpu", torch.float64).numpy().tobytes())
     return h.hexdigest()
