@@ -96,6 +96,7 @@ class Resume:
         self.plan_digest = _digest(plan.to_dict()) if plan is not None else None
         self.keys: dict[str, str] = {}
         self.cure_every = 0
+        self.unwritable = False  # a save failed (read-only place, full disk): the run goes on without saving
         if fresh and self.dir.exists():
             shutil.rmtree(self.dir)
             log.info("--fresh: removed the state saved in %s", self.dir)
@@ -175,11 +176,26 @@ class Resume:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    pass
 
-    def _write(self, stage: str, obj: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.dir / STAGES[stage][1][0], json.dumps({"key": self.keys[STAGES[stage][0]], **obj}))
+    def _write(self, stage: str, obj: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Save a stage: its tensors (the second file), then its JSON with the key. A failure to write is logged
+        once and the run goes on without saving (what it computes does not depend on it)."""
+        if self.unwritable:
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if tensors is not None:
+                save_tensors_atomic(self.dir / STAGES[stage][1][1], tensors)
+            write_text_atomic(self.dir / STAGES[stage][1][0],
+                              json.dumps({"key": self.keys[STAGES[stage][0]], **obj}))
+        except OSError as exc:
+            self.unwritable = True
+            log.warning("resume: cannot save the finished stages in %s (%s); this run goes on without saving them",
+                        self.dir, exc)
 
     # ---- stages -------------------------------------------------------------------------------------------
     def similarity(self) -> torch.Tensor | None:
@@ -193,9 +209,7 @@ class Resume:
             return None
 
     def save_similarity(self, sim: torch.Tensor) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        save_tensors_atomic(self.dir / "analysis.safetensors", {"similarity": sim})
-        self._write("analysis", {})
+        self._write("analysis", {}, {"similarity": sim})
 
     def search_state(self) -> dict | None:
         """The search's saved state (search.save_state's dict), with the generator as it was then; or None."""
@@ -233,7 +247,7 @@ class Resume:
         return plan
 
     def cure_checkpoints(self) -> CureCheckpoints:
-        return CureCheckpoints(self.dir, self.keys["cure"], self.cure_every)
+        return CureCheckpoints(self.dir, self.keys["cure"], 0 if self.unwritable else self.cure_every)
 
     # ---- the end ------------------------------------------------------------------------------------------
     def discard(self) -> None:
@@ -269,7 +283,14 @@ class _Searches(SearchCache):
         if self.resume._meta("greedy") is None:
             self.resume._drop("greedy")
             self.resume._write("greedy", {})
-        super().put(key, search)
+        if self.resume.unwritable:
+            self.folder = None  # kept in memory only
+        try:
+            super().put(key, search)
+        except OSError as exc:
+            self.folder = None
+            log.warning("resume: cannot save the greedy search in %s (%s); it goes on without saving", self.dir,
+                        exc)
 
 
 def _plain(obj):

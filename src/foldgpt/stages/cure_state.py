@@ -100,9 +100,14 @@ class CureCheckpoints:
             opt_state[str(i)] = sorted(k for k, v in s.items() if isinstance(v, torch.Tensor))
             tensors.update({f"opt.{i}.{k}": s[k] for k in opt_state[str(i)]})
         tensors.update(rng_state())
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.json.unlink(missing_ok=True)  # the old checkpoint stops counting before its tensors are replaced
-        save_tensors_atomic(self.tensors, tensors)
-        write_json_atomic(self.json, {"key": self.key, "step": step, "n_params": len(params), "opt_state": opt_state,
-                                      "history": history})
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.json.unlink(missing_ok=True)  # the old checkpoint stops counting before its tensors are replaced
+            save_tensors_atomic(self.tensors, tensors)
+            write_json_atomic(self.json, {"key": self.key, "step": step, "n_params": len(params),
+                                          "opt_state": opt_state, "history": history})
+        except OSError as exc:  # a read-only place, a full disk: the cure goes on without checkpoints
+            self.every = 0
+            log.warning("cure: cannot save a checkpoint in %s (%s); the cure goes on without them", self.folder, exc)
+            return
         log.debug("cure: checkpoint at step %d in %s", step, self.folder)
