@@ -81,8 +81,10 @@ def main() -> None:
     p.add_argument("--search-steps", type=int, default=2, help="kill after this many finished search steps")
     p.add_argument("--cure-step", type=int, default=5, help="kill after the cure checkpoint at this step")
     p.add_argument("--out", required=True, help="the JSON to write")
-    p.add_argument("extra", nargs="*", help="compress options (after --)")
-    args = p.parse_args()
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = p.parse_args(argv[: len(argv) - len(extra) - (1 if "--" in argv else 0)])
+    args.extra = extra  # compress options (after --)
     work = Path(tempfile.mkdtemp(prefix="resume-check-"))
     ref, out = work / "uninterrupted", work / "resumed"
     state = out.parent / f".{out.name}.resume"
