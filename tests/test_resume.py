@@ -210,3 +210,18 @@ def test_bad_input_leaves_no_state(setup):
     with pytest.raises(FoldGPTError, match="different model"):
         api.compress(setup["model"], [setup["text"]], out, config(), plan=wrong)
     assert not out.exists() and not state_dir(out).exists()
+
+
+def test_a_state_that_cannot_be_written_is_logged_once_and_the_run_goes_on(setup, monkeypatch, caplog):
+    import foldgpt.resume
+
+    def full(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    ref, _ = reference(setup)
+    out = setup["root"] / "full"
+    monkeypatch.setattr(foldgpt.resume, "save_tensors_atomic", full)
+    with caplog.at_level(logging.INFO, logger="foldgpt"):
+        api.compress(setup["model"], [setup["text"]], out, config())
+    assert caplog.text.count("cannot save the finished stages") == 1 and "No space left" in caplog.text
+    assert_same_result(out, ref)
