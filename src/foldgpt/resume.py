@@ -209,7 +209,8 @@ class Resume:
             return None
 
     def save_similarity(self, sim: torch.Tensor) -> None:
-        self._write("analysis", {}, {"similarity": sim})
+        if self._meta("analysis") is None:  # else it is the saved one
+            self._write("analysis", {}, {"similarity": sim})
 
     def search_state(self) -> dict | None:
         """The search's saved state (search.save_state's dict), with the generator as it was then; or None."""
