@@ -212,16 +212,20 @@ def test_bad_input_leaves_no_state(setup):
     assert not out.exists() and not state_dir(out).exists()
 
 
-def test_a_state_that_cannot_be_written_is_logged_once_and_the_run_goes_on(setup, monkeypatch, caplog):
+@pytest.mark.parametrize("what", ["save_tensors_atomic", "write_text_atomic"])
+def test_a_state_that_cannot_be_written_is_logged_once_and_the_run_goes_on(setup, what, monkeypatch, caplog):
     import foldgpt.resume
+    from foldgpt.errors import FoldGPTError
 
-    def full(*a, **kw):
-        raise OSError(28, "No space left on device")
+    def full(*a, **kw):  # the tensors' writer raises the OSError; the JSON's, the line fileio makes of it
+        if what == "save_tensors_atomic":
+            raise OSError(28, "No space left on device")
+        raise FoldGPTError("No space left on the device")
 
     ref, _ = reference(setup)
-    out = setup["root"] / "full"
-    monkeypatch.setattr(foldgpt.resume, "save_tensors_atomic", full)
+    out = setup["root"] / f"full-{what}"
+    monkeypatch.setattr(foldgpt.resume, what, full)
     with caplog.at_level(logging.INFO, logger="foldgpt"):
         api.compress(setup["model"], [setup["text"]], out, config())
-    assert caplog.text.count("cannot save the finished stages") == 1 and "No space left" in caplog.text
+    assert caplog.text.count("cannot save the finished stages") == 1 and "No space left on" in caplog.text
     assert_same_result(out, ref)

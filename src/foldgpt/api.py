@@ -100,7 +100,7 @@ def compress(model: str, text: list[str] | str | None, out: str | Path, config: 
         return CompressResult(Path(out), run.plan, summary, run.student, session.tokenizer)
     t = time.perf_counter()
     log.info("(6/6): Saving")
-    with atomic_dir(out, overwrite) as tmp:
+    with state.kept() if state is not None else nullcontext(), atomic_dir(out, overwrite) as tmp:
         summary["seconds"]["Saving"] = 0.0
         write_outputs(tmp, run, session.tokenizer, session.analysis, model)
         summary["seconds"]["Saving"] = round(time.perf_counter() - t, 2)

@@ -192,7 +192,7 @@ class Resume:
                 save_tensors_atomic(self.dir / STAGES[stage][1][1], tensors)
             write_text_atomic(self.dir / STAGES[stage][1][0],
                               json.dumps({"key": self.keys[STAGES[stage][0]], **obj}))
-        except OSError as exc:
+        except (OSError, FoldGPTError) as exc:  # FoldGPTError: a full disk, as fileio reports it
             self.unwritable = True
             log.warning("resume: cannot save the finished stages in %s (%s); this run goes on without saving them",
                         self.dir, exc)
@@ -257,7 +257,8 @@ class Resume:
 
     @contextmanager
     def kept(self) -> Iterator[None]:
-        """Around the stages: bad input (FoldGPTError) removes the state, anything else keeps it for the next run."""
+        """Around the stages and the saving: an error line (FoldGPTError: bad input, a full disk) removes the state,
+        anything else (an interruption, a crash) keeps it for the next run."""
         try:
             yield
         except FoldGPTError:
@@ -288,7 +289,7 @@ class _Searches(SearchCache):
             self.folder = None  # kept in memory only
         try:
             super().put(key, search)
-        except OSError as exc:
+        except (OSError, FoldGPTError) as exc:  # FoldGPTError: a full disk, as fileio reports it
             self.folder = None
             log.warning("resume: cannot save the greedy search in %s (%s); it goes on without saving", self.dir,
                         exc)

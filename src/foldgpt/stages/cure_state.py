@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import FoldGPTError
 from ..fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class CureCheckpoints:
             save_tensors_atomic(self.tensors, tensors)
             write_json_atomic(self.json, {"key": self.key, "step": step, "n_params": len(params),
                                           "opt_state": opt_state, "history": history})
-        except OSError as exc:  # a read-only place, a full disk: the cure goes on without checkpoints
+        except (OSError, FoldGPTError) as exc:  # a read-only place, a full disk: the cure goes on without them
             self.every = 0
             log.warning("cure: cannot save a checkpoint in %s (%s); the cure goes on without them", self.folder, exc)
             return
