@@ -169,7 +169,8 @@ def test_signal_at_each_stage(started, stage, tmp_path, monkeypatch, capsys):
     assert code == 128 + sig, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     lines = message_lines(err)
-    assert lines == [f"foldgpt: interrupted ({signal.Signals(sig).name}); {signals.DEFAULT_HINT}"], err[-3000:]
+    hint = signals.DEFAULT_HINT if stage == "import" else signals.HINTS["compress"]
+    assert lines == [f"foldgpt: interrupted ({signal.Signals(sig).name}); {hint}"], err[-3000:]
     assert leftovers(run) == ([], []), err[-3000:]
     if stage == "import":
         assert "foldgpt.pipeline" not in err  # it stopped before any work

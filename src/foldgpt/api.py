@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .models import load_model
 from .pipeline import prepare, run_method, write_outputs
 from .plan import Plan
 from .preflight import check_output, preflight_compress, preflight_eval, preflight_generate
+from .resume import Resume
 from .scale import placement
 from .stages.analysis import analysis_dict, similarity
 from .stages.cure import dist_info
@@ -79,13 +81,16 @@ class CompressResult:
 @holds_output(inputs=("model", "text", "plan", "convert_cache"))  # checked and locked before any work
 def compress(model: str, text: list[str] | str | None, out: str | Path, config: CompressConfig | None = None,
              plan: str | Path | Plan | None = None, overwrite: bool = False,
-             convert_cache: str | Path | None = None) -> CompressResult:
-    """Compress `model` (alias, folder, .gguf, hub id) into the folder `out`. Mirrors `foldgpt compress`."""
+             convert_cache: str | Path | None = None, fresh: bool = False) -> CompressResult:
+    """Compress `model` (alias, folder, .gguf, hub id) into the folder `out`. Mirrors `foldgpt compress`.
+    Finished stages are saved beside `out` (resume.py) and a rerun continues from them; `fresh`: start over."""
     cfg = config or CompressConfig()
     get_method(cfg.method)
     given_plan = preflight_compress(model, text, out, cfg, plan, overwrite)  # every check before any work
-    session = prepare(model, text, cfg, convert_cache)
-    run = run_method(session, cfg, given_plan)
+    state = Resume(out, given_plan, fresh) if dist_info()[1] == 1 else None  # under torchrun: no saved state
+    with state.kept() if state is not None else nullcontext():
+        session = prepare(model, text, cfg, convert_cache, resume=state)
+        run = run_method(session, cfg, given_plan, resume=state)
     summary = run.summary
     rank, world = dist_info()
     if world > 1:
@@ -95,11 +100,13 @@ def compress(model: str, text: list[str] | str | None, out: str | Path, config: 
         return CompressResult(Path(out), run.plan, summary, run.student, session.tokenizer)
     t = time.perf_counter()
     log.info("(6/6): Saving")
-    with atomic_dir(out, overwrite) as tmp:
+    with state.kept() if state is not None else nullcontext(), atomic_dir(out, overwrite) as tmp:
         summary["seconds"]["Saving"] = 0.0
         write_outputs(tmp, run, session.tokenizer, session.analysis, model)
         summary["seconds"]["Saving"] = round(time.perf_counter() - t, 2)
         write_json_atomic(tmp / "summary.json", summary)
+    if state is not None:
+        state.discard()
     return CompressResult(Path(out), run.plan, summary, run.student, session.tokenizer)
 
 

@@ -20,7 +20,7 @@ def _compress(args) -> int:
     with _distributed(cfg.cure.fsdp, cfg.device) as device:
         cfg.device = device
         res = compress(args.model, args.text, args.out, cfg, plan=args.plan, overwrite=args.overwrite,
-                       convert_cache=args.convert_cache)
+                       convert_cache=args.convert_cache, fresh=args.fresh)
     print(res.table)
     print(f"\nwrote {res.out}")
     return 0

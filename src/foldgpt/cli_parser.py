@@ -213,6 +213,11 @@ def _compress_parser(sub) -> None:
     _setting(c, "--seed", "cfg:seed", type=int)
     _setting(c, "--cure-seed", "cfg:cure.seed", type=int,
              help="the cure's own seed (data order, adapter init; default: --seed), to measure cure noise")
+    _setting(c, "--cure-checkpoint-every", "cfg:cure.checkpoint_every", type=int,
+             help="save the cure's state every N steps beside the output, so a stopped run continues (0: never)")
+    c.add_argument("--fresh", action="store_true",
+                   help="start over: delete the state a stopped run saved beside the output (.OUT.resume) instead "
+                        "of continuing from it")
     _run_options(c)
     c.add_argument("--convert-cache", default=None, help="where GGUF conversions are cached")
 

@@ -171,6 +171,7 @@ class CureConfig:
     teacher_cache_dir: str | None = None  # None: a temporary folder, deleted after the cure
     fsdp: bool = False  # under torchrun: shard each unique frozen Linear across the processes (FSDP2)
     seed: int | None = None  # the cure's own seed (data order, adapter init); None: the run's --seed
+    checkpoint_every: int = 25  # compress saves the cure's state every this many steps, to resume from (0: never)
 
     def __post_init__(self):
         _check(self.steps >= 0, "cure steps must be >= 0")
@@ -178,6 +179,7 @@ class CureConfig:
         _check(self.child_lr_scale >= 0, "child learning-rate scale must be >= 0")
         _check(self.lora_rank >= 0, "cure LoRA rank must be >= 0")
         _check(self.teacher_topk >= 1, "--teacher-topk must be >= 1")
+        _check(self.checkpoint_every >= 0, "--cure-checkpoint-every must be >= 0 (0: no checkpoints)")
         _one_of(self.precision, PRECISIONS, "precision")
         _check(math.isfinite(self.lr) and self.lr > 0, f"--cure-lr must be a finite number > 0, got {self.lr}")
         _check(self.micro_batch >= 0, f"--micro-batch must be >= 0 (0: no micro-batches), got {self.micro_batch}")

@@ -24,6 +24,7 @@ from .methods.greedy import SearchCache
 from .models import load_model
 from .plan import Plan
 from .preflight import check_context
+from .resume import Resume
 from .scale import placement
 from .stages.analysis import analysis_dict, similarity
 from .stages.budget import plan_budget
@@ -101,8 +102,9 @@ class Session:
 
 
 def prepare(model: str, text: list[str] | str | None, cfg: CompressConfig,
-            convert_cache: str | Path | None = None) -> Session:
-    """Load the model and the calibration text, draw the calibration windows and run the analysis."""
+            convert_cache: str | Path | None = None, resume: Resume | None = None) -> Session:
+    """Load the model and the calibration text, draw the calibration windows and run the analysis (`resume`: the
+    saved stages of a stopped run, resume.py: the analysis is read from there when saved, and saved)."""
     corpus = load_text(text)
     timer = Timer()
     with timer.stage("Loading", 1, 6):
@@ -122,13 +124,20 @@ def prepare(model: str, text: list[str] | str | None, cfg: CompressConfig,
                                   tok.bos_token_id if bos else None)
         log.info("calibration: %d tokens of text, %d windows of %d%s", ids.numel(), len(calib), cfg.seq_len,
                  f" ({cfg.general_share:.0%} from built-in general text)" if general is not None else "")
+        if resume is not None:
+            resume.bind(dense, calib, corpus.sha256, cfg)
     with timer.stage("Analyzing", 2, 6):
-        if cfg.streaming:
+        sim = resume.similarity() if resume is not None else None
+        if sim is not None:
+            log.info("analysis: the saved one (%s)", resume.dir)
+        elif cfg.streaming:
             from .scale.streaming import streamed_similarity
 
             sim = streamed_similarity(dense, adapter, calib[: min(32, len(calib))], bos, cfg.device)
         else:
             sim = similarity(dense, adapter, calib[: min(32, len(calib))], skip_first=bos)
+        if resume is not None:
+            resume.save_similarity(sim)
     return Session(model, dense, tok, adapter, bos, calib, sim, analysis_dict(sim), corpus, timer.seconds)
 
 
@@ -145,9 +154,11 @@ class MethodRun:
 
 
 def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None,
-               searches: SearchCache | None = None) -> MethodRun:
+               searches: SearchCache | None = None, resume: Resume | None = None) -> MethodRun:
     """Plan (or re-apply `plan`), build the compressed model, cure it if asked, and measure it. `searches`: greedy
-    searches to reuse and continue (bench passes one for all its rows); None: every search runs afresh."""
+    searches to reuse and continue (bench passes one for all its rows); None: every search runs afresh. `resume`:
+    the saved stages of a stopped run (resume.py): search steps, the plan and cure checkpoints are read from there
+    when saved, and saved as they finish."""
     method = get_method(cfg.method)
     if cfg.streaming and (cfg.method not in STREAMING_METHODS or cfg.cure.enabled):
         raise FoldGPTError(f"--streaming runs {', '.join(STREAMING_METHODS)} without a cure (one block on the "
@@ -168,14 +179,16 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None,
                  budget.n_remove, budget.n_fold, f"{int(budget.predicted_params):,}", f"{int(budget.base_params):,}")
     if cfg.compensate != "none":  # an architecture it cannot merge into: fail before planning, not after
         check_compensable(s.adapter, s.dense.config.model_type, cfg.compensate)
-    ctx = Context(s.dense, s.adapter, s.calib, cfg, budget, s.bos, s.similarity, searches=searches)
+    if resume is not None and searches is None:
+        searches = resume.searches()
+    ctx = Context(s.dense, s.adapter, s.calib, cfg, budget, s.bos, s.similarity, searches=searches, resume=resume)
     with timer.stage("Planning" if plan is None else "Applying plan", 3, 6):
         if plan is not None:
             if plan.num_layers != num_layers or plan.model_type != s.dense.config.model_type:
                 raise FoldGPTError("the plan was made for a different model (layer count or type differ)")
             the_plan = Plan.from_dict(plan.to_dict())
         else:
-            the_plan = method.run(ctx)
+            the_plan = resume.planned(ctx, method.run) if resume is not None else method.run(ctx)
         the_plan.provenance = {
             "model": s.source, "text": s.corpus.sources, "text_sha256": s.corpus.sha256, "seed": cfg.seed,
             "config": cfg.to_dict(), "versions": versions(),
@@ -195,7 +208,8 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None,
     with timer.stage("Curing", 4, 6):
         loss_before_cure = calibration_loss(student, held)
         cure_seed = cfg.seed if cfg.cure.seed is None else cfg.cure.seed
-        cure_info = (run_cure(student, s.dense, s.adapter, s.calib, cfg.cure, seed=cure_seed) if do_cure
+        cure_info = (run_cure(student, s.dense, s.adapter, s.calib, cfg.cure, seed=cure_seed,
+                              checkpoints=resume.cure_checkpoints() if resume is not None else None) if do_cure
                      else {"steps": 0, "trainable_params": 0, "history": []})
     with timer.stage("Measuring", 5, 6):
         summary = summary_dict(s, student, the_plan, loss_before_cure, cure_info, cfg, budget, do_cure)

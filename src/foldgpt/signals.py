@@ -24,6 +24,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 DEFAULT_HINT = "no output was written and temporary files were removed; run the same command again to start over"
 HINTS = {
     "bench": "rows already finished are kept beside the output; run the same command with --resume to continue",
+    "compress": "no output was written and temporary files were removed; finished stages are kept beside the "
+                "output: run the same command again to continue (--fresh starts over)",
 }
 _written: list[str] = []  # outputs this command finished (a signal may come after the last one is in place)
 

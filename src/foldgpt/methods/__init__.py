@@ -16,6 +16,7 @@ from ..plan import Plan
 from ..stages.budget import Budget
 
 if TYPE_CHECKING:
+    from ..resume import Resume
     from .greedy import SearchCache
 
 
@@ -52,6 +53,7 @@ class Context:
     info: MethodInfo = field(default_factory=MethodInfo)  # what the method records beside its plan
     fits: object | None = None  # fit.ChildFits of the dense model, built on first use (child_fits)
     searches: SearchCache | None = None  # finished greedy searches to reuse and continue; None: none kept
+    resume: Resume | None = None  # where compress saves finished stages (resume.py); None: nothing saved
 
     @property
     def num_layers(self) -> int:

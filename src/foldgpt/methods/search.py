@@ -223,11 +223,18 @@ def search(ctx: Context, fits: ChildFits, target: int, ids: torch.Tensor, fracti
     judge = _Scorer(ctx, confirm_ids if confirm_ids is not None else ids, fits, "nll", topk) if confirm > 0 else None
     stale: dict[tuple, float] = {}  # (layer, new state) -> loss rise per parameter at its last scoring
     steps: list[dict] = []
+    rounds = 0
     first = sum(len(transitions(s, ranks, actions)) for i, s in enumerate(states) if i not in prot)
     bar = tqdm(total=first, desc="FoldGPT search (first step)", leave=False)
     try:
         current = dense = scorer.refresh()
         exact = judge.refresh() if judge is not None else None
+        saved = ctx.resume.search_state() if ctx.resume is not None else None
+        if saved is not None:  # the steps a stopped run finished (resume.py), replayed
+            states, stale, steps, params, current, exact, rounds = _replay(saved, scorer, judge)
+            bar.close()
+            bar = tqdm(total=params_dense - target, initial=params_dense - params, desc="FoldGPT search (parameters)",
+                       leave=False)
         while params > target:
             options = [(i, s) for i in range(n) if i not in prot for s in transitions(states[i], ranks, actions)]
             if not options:
@@ -274,12 +281,38 @@ def search(ctx: Context, fits: ChildFits, target: int, ids: torch.Tensor, fracti
             log.info("search: %s (calibration loss %.4f, %s unique params, %d actions scored)",
                      ", ".join(f"layer {i} -> {s[0] if s[0] != 'child' else f'child rank {s[1]}'}" for i, s in chosen),
                      current, f"{params:,}", len(todo))
+            rounds += 1
+            if ctx.resume is not None:
+                ctx.resume.save_search(_saved_state(states, stale, steps, params, current, exact, rounds))
     finally:
         bar.close()
         if judge is not None:  # first: its weight swaps sit on top of the scorer's
             judge.close()
         scorer.close()
     return SearchResult(states, steps, ranks, dense)
+
+
+def _saved_state(states: list[tuple], stale: dict[tuple, float], steps: list[dict], params: int, current: float,
+                 exact: float | None, rounds: int) -> dict:
+    """The search's state after a finished step, as JSON, so a stopped search continues from it (resume.py)."""
+    return {"rounds": rounds, "states": [list(s) for s in states],
+            "stale": [[i, list(s), v] for (i, s), v in stale.items()], "steps": steps, "params": params,
+            "current": current, "exact": exact}
+
+
+def _replay(saved: dict, scorer: _Scorer, judge: _Scorer | None) -> tuple:
+    """A saved state (_saved_state) back: the scorers commit its steps in their order and refresh. Returns (states,
+    stale, steps, params, current, exact, rounds) as the search had them after that step."""
+    for step in saved["steps"]:
+        for sc in (scorer, judge):
+            if sc is not None:
+                sc.commit(step["layer"], tuple(step["state"]))
+    scorer.refresh()
+    if judge is not None:
+        judge.refresh()
+    stale = {(i, tuple(s)): v for i, s, v in saved["stale"]}
+    return ([tuple(s) for s in saved["states"]], stale, list(saved["steps"]), saved["params"], saved["current"],
+            saved["exact"], saved["rounds"])
 
 
 def spend_slack(states: list[tuple], costs: list[LayerCosts], slack: int) -> list[tuple]:

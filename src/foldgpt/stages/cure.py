@@ -19,6 +19,7 @@ from ..scale.precision import autocast, resolve, set_checkpointing
 from ..scale.sharding import sharded_linears
 from ..scale.teacher_cache import TeacherCache, topk_kl
 from .analysis import capture_hidden
+from .cure_state import CureCheckpoints
 from .gates import kl_div
 from .lora import MergeableLoRA, unique_linears
 from .structure import SharedLinear
@@ -120,8 +121,9 @@ def _all_reduce_(params: list[nn.Parameter], totals: dict[str, float]) -> None:
 
 
 def cure(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torch.Tensor, cfg: CureConfig,
-         seed: int = 0) -> dict:
-    """Distil `teacher` into the trainable small parameters of `student`. Returns a summary."""
+         seed: int = 0, checkpoints: CureCheckpoints | None = None) -> dict:
+    """Distil `teacher` into the trainable small parameters of `student`. Returns a summary. `checkpoints`: where the
+    cure's state is saved as it goes and continued from (cure_state.py; one process only)."""
     params = trainable_parameters(student, adapter, cfg.train_all_norms, cfg.train_child_norms)
     if cfg.steps == 0 or (not params and cfg.lora_rank == 0):
         return {"trainable_params": sum(p.numel() for p in params), "steps": 0, "history": []}
@@ -136,7 +138,8 @@ def cure(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torc
                  f"norms, deltas and rank-{cfg.lora_rank} adapters merged afterwards" if lora else "norms and deltas",
                  cfg.steps, cfg.batch_size, batches.shape[1], resolve(cfg.precision, student.device))
         try:
-            info = _cure_loop(student, teacher, adapter, batches, cfg, seed, params, n_train)
+            info = _cure_loop(student, teacher, adapter, batches, cfg, seed, params, n_train,
+                              checkpoints if dist_info()[1] == 1 else None)
         finally:
             if lora is not None:
                 lora.remove()
@@ -155,7 +158,7 @@ def _schedule(step: int, cfg: CureConfig, order: torch.Tensor, n: int, rank: int
 
 
 def _cure_loop(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches: torch.Tensor, cfg: CureConfig,
-               seed: int, params: list[nn.Parameter], n_train: int) -> dict:
+               seed: int, params: list[nn.Parameter], n_train: int, checkpoints: CureCheckpoints | None) -> dict:
     for p in teacher.parameters():
         p.requires_grad_(False)
     fitted = {id(p) for m in student.modules() if isinstance(m, SharedLinear) and m.mode != "shared"
@@ -174,15 +177,15 @@ def _cure_loop(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches
     rank, world = dist_info()
     if world > 1:
         log.info("cure: data parallel over %d processes (rank %d)", world, rank)
+    start, history = checkpoints.restore(params, opt) if checkpoints is not None else (0, [])
     cache = None
     try:
-        if cfg.teacher_cache:
+        if cfg.teacher_cache and start < cfg.steps:
             cache = TeacherCache(cfg.teacher_cache_dir)
             needed = [i for s in range(cfg.steps) for i in _schedule(s, cfg, order, len(batches), rank, world)]
             cache.fill(teacher, adapter, batches, needed, cfg.teacher_topk, cfg.tail_layers, cfg.tau,
                        cfg.precision, micro)
-        history = []
-        bar = tqdm(range(cfg.steps), desc="Cure", leave=False, disable=rank != 0)
+        bar = tqdm(range(start, cfg.steps), desc="Cure", leave=False, disable=rank != 0)
         for step in bar:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg) * group["scale"]
@@ -203,6 +206,8 @@ def _cure_loop(student: nn.Module, teacher: nn.Module, adapter: Adapter, batches
             opt.step()
             history.append({"step": step, **totals})
             bar.set_postfix(kl=f"{totals['kl']:.3f}", tail=f"{totals['tail']:.3f}")
+            if checkpoints is not None:
+                checkpoints.step_done(step + 1, cfg.steps, params, opt, history)
     finally:
         if cache is not None:
             cache.close()
