@@ -169,7 +169,7 @@ def test_signal_at_each_stage(started, stage, tmp_path, monkeypatch, capsys):
     assert code == 128 + sig, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     lines = message_lines(err)
-    hint = signals.DEFAULT_HINT if stage == "import" else signals.HINTS["compress"]
+    hint = signals.HINTS["compress"]
     assert lines == [f"foldgpt: interrupted ({signal.Signals(sig).name}); {hint}"], err[-3000:]
     assert leftovers(run) == ([], []), err[-3000:]
     if stage == "import":
@@ -336,7 +336,7 @@ def test_check_output_before_any_work(tmp_path, monkeypatch, case):
     out, kw, words = {
         "cwd": (str(tmp_path), {"overwrite": True}, "current folder"),
         "dot": (".", {"overwrite": True}, "current folder"),
-        "under_file": ("afile/out", {}, "is a file, so"),
+        "under_file": ("afile/out", {}, "which is a file"),
         "file_as_folder": ("afile", {"overwrite": True}, "is a file, not a folder"),
         "exists": ("done", {}, "already exists"),
         "holds_input": ("done", {"overwrite": True, "inputs": ["done/model"]}, "would replace the input"),

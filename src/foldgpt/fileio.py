@@ -67,7 +67,7 @@ def check_output(out: str | Path, overwrite: bool = False, *, option: str = "--o
     while not ancestor.exists() and not ancestor.is_symlink() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise FoldGPTError(f"{ancestor} is a file, so {option} {out} cannot be created under it; "
+        raise FoldGPTError(f"{option} {out} is under {ancestor}, which is a file, not a folder; "
                            f"choose another {option}")
     try:  # the one sure test of a writable place (permissions, read-only or pseudo file systems, even as root)
         fd, probe = tempfile.mkstemp(prefix=".foldgpt-probe-", dir=ancestor)
