@@ -1,0 +1,246 @@
+"""ONNX export of a folded model, each shared matrix stored once.
+
+The graph is a causal LM without a KV cache: (input_ids, attention_mask) -> logits for every position, batch
+and sequence length dynamic. Generation with it recomputes the whole prefix at each step; a graph with past
+key/values inputs is not exported yet.
+
+torch's exporter (torch.export + onnxscript) lifts each parameter once, so a parent's Linear that its children
+run by reference is one graph input; its optimizer then folds the Linear's transpose into a new constant at each
+use, which copies a shared matrix once per position that runs it. `dedup_initializers` merges constants of equal
+type, shape and bytes back into one initializer, so each unique matrix is stored once (merging two equal constants
+never changes what the graph computes). Node metadata (source stack traces, which the exporter attaches to every
+node) is dropped: it is larger than the weights of a small model and no runtime reads it.
+
+`int8=True` writes onnxruntime's dynamic quantization on top: weights stored as int8 (per tensor), activations
+quantized on the fly at each MatMul."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import FoldGPTError
+from . import check_output_file, file_bytes, require, rss_bytes, token_windows, unique_param_bytes
+
+log = logging.getLogger(__name__)
+
+EXTERNAL_DATA_LIMIT = 2 * 1024**3  # protobuf's limit on one file: larger models keep their weights beside it
+EXPORT_MODULES = ["onnx", "onnxscript"]
+RUN_MODULES = ["onnxruntime", "psutil"]
+
+
+class LogitsOnly(nn.Module):
+    """(input_ids, attention_mask) -> logits, without a KV cache (the graph the export traces)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def _subgraphs(graph):
+    import onnx
+
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _subgraphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _subgraphs(g)
+
+
+def dedup_initializers(model) -> int:
+    """Merge initializers of equal data type, shape and content into the first of them (in place, in every
+    subgraph too). Returns the number of bytes saved."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    owner: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    keep, saved = [], 0
+    for init in graph.initializer:
+        data = init.raw_data if init.raw_data else numpy_helper.to_array(init).tobytes()
+        key = (init.data_type, tuple(init.dims), len(data), hashlib.sha256(data).digest())
+        if key in owner:
+            rename[init.name] = owner[key]
+            saved += len(data)
+        else:
+            owner[key] = init.name
+            keep.append(init)
+    if not rename:
+        return 0
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    for g in _subgraphs(graph):
+        for node in g.node:
+            for i, name in enumerate(node.input):
+                if name in rename:
+                    node.input[i] = rename[name]
+        for out in g.output:
+            if out.name in rename:  # an initializer that is also a graph output keeps its name through an Identity
+                raise FoldGPTError(f"cannot merge initializer {out.name}: it is a graph output")
+    kept_vi = [vi for vi in graph.value_info if vi.name not in rename]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_vi)
+    return saved
+
+
+def strip_node_metadata(model) -> None:
+    """Drop what the exporter attaches to each node for debugging (stack traces, module paths, FX names)."""
+    for g in _subgraphs(model.graph):
+        for node in g.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+
+
+def _save(proto, path: Path) -> None:
+    import onnx
+
+    if proto.ByteSize() > EXTERNAL_DATA_LIMIT:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """The external-data file first (if any), then the graph: a reader never finds a graph without its data."""
+    data = tmp.with_name(tmp.name + ".data")
+    out_data = out.with_name(out.name + ".data")
+    if data.exists():
+        os.replace(data, out_data)
+    elif out_data.exists():
+        out_data.unlink()
+    os.replace(tmp, out)
+
+
+def model_to_onnx(model: nn.Module, out: str | Path, overwrite: bool = False, int8: bool = False,
+                  seq_len: int = 16) -> Path:
+    """Export any causal LM module (folded or dense) to `out` (.onnx); see the module docstring."""
+    require(EXPORT_MODULES + (["onnxruntime"] if int8 else []), "the ONNX export", "onnx")
+    out = check_output_file(out, overwrite, ".onnx")
+    from ..fileio import staging_dir
+
+    model = model.eval()
+    vocab = int(model.config.vocab_size)
+    ids = torch.randint(0, vocab, (2, seq_len), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    t = time.perf_counter()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's notes on unused axis names and deprecated pytree types
+        program = torch.onnx.export(LogitsOnly(model), (ids, mask), dynamo=True, optimize=True, verbose=False,
+                                    input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                                    dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                                                    "attention_mask": {0: batch, 1: seq}})
+    proto = program.model_proto
+    del program
+    strip_node_metadata(proto)
+    saved = dedup_initializers(proto)
+    log.info("ONNX graph traced in %.1f s; %d initializers (%.1f MB of repeated constants merged)",
+             time.perf_counter() - t, len(proto.graph.initializer), saved / 1e6)
+    with staging_dir(out.parent, f".{out.name}.tmp-") as tmp:
+        fp32 = tmp / out.name
+        _save(proto, fp32)
+        del proto
+        if int8:
+            import onnx
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            qdir = tmp / "int8"
+            qdir.mkdir()
+            quantize_dynamic(fp32, qdir / out.name, weight_type=QuantType.QInt8,
+                             use_external_data_format=file_bytes(fp32) > EXTERNAL_DATA_LIMIT // 2)
+            fp32.unlink()
+            fp32.with_name(fp32.name + ".data").unlink(missing_ok=True)
+            _save(onnx.load(str(qdir / out.name)), fp32)  # under the output's name, its data file beside it
+        _move_into_place(fp32, out)
+    log.info("ONNX model (%s) written to %s (%.1f MB)", "int8 weights" if int8 else "fp32", out,
+             file_bytes(out) / 1e6)
+    return out
+
+
+def export_onnx(model_dir: str | Path, out: str | Path, overwrite: bool = False, int8: bool = False) -> Path:
+    """Export the folded model in `model_dir` to the ONNX file `out` (a causal LM without KV cache:
+    input_ids, attention_mask -> logits), each shared matrix stored once; `int8`: onnxruntime's dynamic int8
+    quantization on top. Written atomically: `out` appears whole or not at all."""
+    require(EXPORT_MODULES + (["onnxruntime"] if int8 else []), "the ONNX export", "onnx")
+    check_output_file(out, overwrite, ".onnx")
+    from ..checkpoint.folded import load_folded
+
+    model, _ = load_folded(model_dir)
+    return model_to_onnx(model, out, overwrite, int8)
+
+
+def session(onnx_path: str | Path, threads: int | None = None, prepack: bool = True):
+    """An onnxruntime CPU session on the file. `prepack=False` keeps MatMul weights unpacked (MLAS repacks
+    each MatMul's constant weight for speed, once per node: a shared matrix repacked at every position)."""
+    require(RUN_MODULES, "running the ONNX model", "onnx")
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_session(sess, ids: torch.Tensor) -> torch.Tensor:
+    """Logits for a batch of token ids (all positions attended)."""
+    feeds = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}
+    return torch.from_numpy(sess.run(["logits"], feeds)[0])
+
+
+def check_onnx(model_dir: str | Path, onnx_path: str | Path, n_windows: int = 4, seq_len: int = 64,
+               seed: int = 0, text: str | None = None, threads: int | None = None, prepack: bool = True,
+               reference: nn.Module | None = None) -> dict:
+    """Run the ONNX file with onnxruntime on the CPU and measure it against the model in `model_dir`
+    (loaded with foldgpt.load, or `reference` when given): max-abs logit difference over `n_windows` windows of
+    `seq_len` tokens (from `text` when given, else seeded random ids), file size, the folder's unique-parameter
+    bytes at fp32, the session's resident memory (RSS growth from creating it and running the first window) and
+    tokens/s (prompt processing: one full forward per window, batch 1)."""
+    require(RUN_MODULES, "running the ONNX model", "onnx")
+    import onnxruntime  # noqa: F401  (imported before the RSS baseline: the library itself is not the model)
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise FoldGPTError(f"ONNX file not found: {onnx_path}")
+    from ..api import load
+
+    model, tok = (reference, None) if reference is not None else load(model_dir)
+    ids = tok(text)["input_ids"] if (text and tok is not None) else None
+    windows = token_windows(int(model.config.vocab_size), n_windows, seq_len, seed, ids)
+    rss0 = rss_bytes()
+    sess = session(onnx_path, threads, prepack)
+    first = run_session(sess, windows[:1])
+    rss = rss_bytes() - rss0
+    t = time.perf_counter()
+    outs = [first] + [run_session(sess, windows[i : i + 1]) for i in range(1, n_windows)]
+    outs.append(run_session(sess, windows[:1]))  # the first window again, timed with the others
+    elapsed = time.perf_counter() - t
+    diff = 0.0
+    with torch.no_grad():
+        for i in range(n_windows):
+            ref = model(input_ids=windows[i : i + 1], use_cache=False).logits.float()
+            diff = max(diff, (outs[i] - ref).abs().max().item())
+    return {
+        "max_abs_diff": diff,
+        "file_bytes": file_bytes(onnx_path),
+        "unique_param_bytes": unique_param_bytes(model_dir),
+        "rss_bytes": rss,
+        "tokens_per_s": n_windows * seq_len / elapsed,
+        "windows": n_windows,
+        "seq_len": seq_len,
+    }
