@@ -5,10 +5,11 @@ and sequence length dynamic. Generation with it recomputes the whole prefix at e
 key/values inputs is not exported yet.
 
 torch's exporter (torch.export + onnxscript) lifts each parameter once, so a parent's Linear that its children
-run by reference is one graph input; its optimizer then folds the Linear's transpose into a new constant at each
-use, which copies a shared matrix once per position that runs it. `dedup_initializers` merges constants of equal
-type, shape and bytes back into one initializer, so each unique matrix is stored once (merging two equal constants
-never changes what the graph computes). Node metadata (source stack traces, which the exporter attaches to every
+run by reference is one graph input; its optimizer then folds each Linear's transpose into a new constant at each
+use, which can copy a shared matrix once per position that runs it (whether onnxscript's optimizer merges the
+copies again depends on its version and on how the export is saved). `dedup_initializers` merges constants of equal
+type, shape and bytes into one initializer, so each unique matrix is stored once whatever the exporter did (merging
+two equal constants never changes what the graph computes). Node metadata (source stack traces, which the exporter attaches to every
 node) is dropped: it is larger than the weights of a small model and no runtime reads it.
 
 `int8=True` writes onnxruntime's dynamic quantization on top: weights stored as int8 (per tensor), activations
@@ -104,6 +105,14 @@ def strip_node_metadata(model) -> None:
             node.doc_string = ""
 
 
+class _DropPreprocessAdvice(logging.Filter):
+    """onnxruntime's quantizer advises a pre-processing pass on every call (a warning on the root logger); the
+    graph it would shape-infer is already fully typed by the exporter."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
 def _save(proto, path: Path) -> None:
     import onnx
 
@@ -123,6 +132,45 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     elif out_data.exists():
         out_data.unlink()
     os.replace(tmp, out)
+
+
+def _quantize(path: Path) -> None:
+    """Replace the fp32 ONNX file at `path` (in a staging folder) by onnxruntime's dynamic int8 version of it."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    qdir = path.parent / "int8"
+    qdir.mkdir()
+    quiet = _DropPreprocessAdvice()
+    logging.getLogger().addFilter(quiet)
+    try:
+        quantize_dynamic(path, qdir / path.name, weight_type=QuantType.QInt8,
+                         use_external_data_format=file_bytes(path) > EXTERNAL_DATA_LIMIT // 2)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    path.unlink()
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
+    _save(onnx.load(str(qdir / path.name)), path)  # under the output's name, its data file (if any) beside it
+
+
+def quantize_onnx(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """onnxruntime's dynamic int8 quantization of an fp32 ONNX file `src`, written atomically to `out`."""
+    require(["onnx", "onnxruntime"], "the ONNX int8 quantization", "onnx")
+    out = check_output_file(out, overwrite, ".onnx")
+    src = Path(src)
+    if not src.is_file():
+        raise FoldGPTError(f"ONNX file not found: {src}")
+    import shutil
+
+    from ..fileio import staging_dir
+
+    with staging_dir(out.parent, f".{out.name}.tmp-") as tmp:
+        shutil.copyfile(src, tmp / out.name)
+        if src.with_name(src.name + ".data").exists():
+            raise FoldGPTError("quantize the export itself (export --onnx OUT --int8) for models with external data")
+        _quantize(tmp / out.name)
+        _move_into_place(tmp / out.name, out)
+    return out
 
 
 def model_to_onnx(model: nn.Module, out: str | Path, overwrite: bool = False, int8: bool = False,
@@ -155,16 +203,7 @@ def model_to_onnx(model: nn.Module, out: str | Path, overwrite: bool = False, in
         _save(proto, fp32)
         del proto
         if int8:
-            import onnx
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            qdir = tmp / "int8"
-            qdir.mkdir()
-            quantize_dynamic(fp32, qdir / out.name, weight_type=QuantType.QInt8,
-                             use_external_data_format=file_bytes(fp32) > EXTERNAL_DATA_LIMIT // 2)
-            fp32.unlink()
-            fp32.with_name(fp32.name + ".data").unlink(missing_ok=True)
-            _save(onnx.load(str(qdir / out.name)), fp32)  # under the output's name, its data file beside it
+            _quantize(fp32)
         _move_into_place(fp32, out)
     log.info("ONNX model (%s) written to %s (%.1f MB)", "int8 weights" if int8 else "fp32", out,
              file_bytes(out) / 1e6)
