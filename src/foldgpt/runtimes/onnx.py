@@ -9,8 +9,9 @@ run by reference is one graph input; its optimizer then folds each Linear's tran
 use, which can copy a shared matrix once per position that runs it (whether onnxscript's optimizer merges the
 copies again depends on its version and on how the export is saved). `dedup_initializers` merges constants of equal
 type, shape and bytes into one initializer, so each unique matrix is stored once whatever the exporter did (merging
-two equal constants never changes what the graph computes). Node metadata (source stack traces, which the exporter attaches to every
-node) is dropped: it is larger than the weights of a small model and no runtime reads it.
+two equal constants never changes what the graph computes). `fold_shared_transposes` gives shared weights' MatMuls
+a constant operand. Node metadata (source stack traces, which the exporter attaches to every node) is dropped: it is
+larger than the weights of a small model and no runtime reads it.
 
 `int8=True` writes onnxruntime's dynamic quantization on top: weights stored as int8 (per tensor), activations
 quantized on the fly at each MatMul."""
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import FoldGPTError
-from . import check_output_file, file_bytes, require, rss_bytes, token_windows, unique_param_bytes
+from . import check_output_file, file_bytes, require, token_windows, unique_param_bytes
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,63 @@ def dedup_initializers(model) -> int:
     del graph.value_info[:]
     graph.value_info.extend(kept_vi)
     return saved
+
+
+def fold_shared_transposes(model) -> int:
+    """Replace each Transpose of a 2-D initializer by one transposed initializer, shared by all its uses.
+
+    onnxscript's optimizer folds the transpose of a Linear's weight into a constant only where the weight has one
+    consumer; a shared parent's weight keeps a runtime Transpose at each position that runs it. Those MatMuls then
+    have no constant weight: onnxruntime folds each transpose into its own copy when the session starts (one copy
+    per position in memory) and its int8 quantizer skips them. After this pass every such MatMul reads one
+    constant, stored once. Returns the number of Transpose nodes removed."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    transposed: dict[str, str] = {}  # weight -> its transposed initializer
+    rename: dict[str, str] = {}  # Transpose output -> transposed initializer
+    drop = []
+
+    def is_transpose(node) -> bool:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        return node.op_type == "Transpose" and perm == [1, 0]
+
+    consumers: dict[str, list] = {}
+    for g in _subgraphs(graph):
+        for node in g.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+    for node in graph.node:
+        w = node.input[0] if node.input else None
+        if (w not in inits or len(inits[w].dims) != 2 or not is_transpose(node)
+                or not all(is_transpose(c) for c in consumers[w])):  # e.g. a tied embedding: its Gather reads W
+            continue
+        if w not in transposed:
+            name = w + "_T"
+            t = numpy_helper.from_array(numpy_helper.to_array(inits[w]).T.copy(), name)
+            graph.initializer.append(t)
+            transposed[w] = name
+        rename[node.output[0]] = transposed[w]
+        drop.append(node)
+    if not drop:
+        return 0
+    for node in drop:
+        graph.node.remove(node)
+    for g in _subgraphs(graph):
+        for node in g.node:
+            for i, name in enumerate(node.input):
+                if name in rename:
+                    node.input[i] = rename[name]
+    used = {name for g in _subgraphs(graph) for node in g.node for name in node.input}
+    used |= {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    kept_vi = [vi for vi in graph.value_info if vi.name not in rename]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_vi)
+    return len(drop)
 
 
 def strip_node_metadata(model) -> None:
@@ -195,9 +253,11 @@ def model_to_onnx(model: nn.Module, out: str | Path, overwrite: bool = False, in
     proto = program.model_proto
     del program
     strip_node_metadata(proto)
+    folded = fold_shared_transposes(proto)
     saved = dedup_initializers(proto)
-    log.info("ONNX graph traced in %.1f s; %d initializers (%.1f MB of repeated constants merged)",
-             time.perf_counter() - t, len(proto.graph.initializer), saved / 1e6)
+    log.info("ONNX graph traced in %.1f s; %d initializers (%d runtime transposes of shared weights folded, "
+             "%.1f MB of repeated constants merged)", time.perf_counter() - t, len(proto.graph.initializer), folded,
+             saved / 1e6)
     with staging_dir(out.parent, f".{out.name}.tmp-") as tmp:
         fp32 = tmp / out.name
         _save(proto, fp32)
@@ -222,24 +282,56 @@ def export_onnx(model_dir: str | Path, out: str | Path, overwrite: bool = False,
     return model_to_onnx(model, out, overwrite, int8)
 
 
-def session(onnx_path: str | Path, threads: int | None = None, prepack: bool = True):
-    """An onnxruntime CPU session on the file. `prepack=False` keeps MatMul weights unpacked (MLAS repacks
-    each MatMul's constant weight for speed, once per node: a shared matrix repacked at every position)."""
+_MEASURE = """
+import json, os, sys, time
+import numpy as np
+import onnxruntime as ort
+import psutil
+path, windows_file, out_file, threads, prepack = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+windows = np.load(windows_file)
+proc = psutil.Process(os.getpid())
+rss0 = proc.memory_info().rss
+opts = ort.SessionOptions()
+if threads:
+    opts.intra_op_num_threads = threads
+if prepack == "0":
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+def run(w):
+    return sess.run(["logits"], {"input_ids": w[None], "attention_mask": np.ones_like(w)[None]})[0][0]
+outs = [run(windows[0])]
+rss = proc.memory_info().rss - rss0
+t = time.perf_counter()
+outs += [run(w) for w in windows[1:]] + [run(windows[0])]
+elapsed = time.perf_counter() - t
+np.save(out_file, np.stack(outs[: len(windows)]))
+print(json.dumps({"rss_bytes": rss, "seconds": elapsed, "tokens": windows.size + windows.shape[1]}))
+"""
+
+
+def measure_session(onnx_path: str | Path, windows: torch.Tensor, threads: int | None = None,
+                    prepack: bool = True) -> tuple[torch.Tensor, dict]:
+    """Run the file in a fresh process (so that its resident memory is the session's alone): the logits of each
+    window (batch 1), the RSS growth from creating the session and running the first window, and tokens/s over
+    the other windows and the first one again."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy as np
+
     require(RUN_MODULES, "running the ONNX model", "onnx")
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    if not prepack:
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-
-
-def run_session(sess, ids: torch.Tensor) -> torch.Tensor:
-    """Logits for a batch of token ids (all positions attended)."""
-    feeds = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}
-    return torch.from_numpy(sess.run(["logits"], feeds)[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "windows.npy", windows.numpy())
+        proc = subprocess.run([sys.executable, "-c", _MEASURE, str(onnx_path), str(Path(tmp) / "windows.npy"),
+                               str(Path(tmp) / "logits.npy"), str(threads or 0), "1" if prepack else "0"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise FoldGPTError(f"onnxruntime could not run {onnx_path}: {proc.stderr.strip().splitlines()[-1:]}")
+        stats = json.loads(proc.stdout.strip().splitlines()[-1])
+        logits = torch.from_numpy(np.load(Path(tmp) / "logits.npy"))
+    return logits, {"rss_bytes": stats["rss_bytes"], "tokens_per_s": stats["tokens"] / stats["seconds"]}
 
 
 def check_onnx(model_dir: str | Path, onnx_path: str | Path, n_windows: int = 4, seq_len: int = 64,
@@ -248,11 +340,9 @@ def check_onnx(model_dir: str | Path, onnx_path: str | Path, n_windows: int = 4,
     """Run the ONNX file with onnxruntime on the CPU and measure it against the model in `model_dir`
     (loaded with foldgpt.load, or `reference` when given): max-abs logit difference over `n_windows` windows of
     `seq_len` tokens (from `text` when given, else seeded random ids), file size, the folder's unique-parameter
-    bytes at fp32, the session's resident memory (RSS growth from creating it and running the first window) and
-    tokens/s (prompt processing: one full forward per window, batch 1)."""
+    bytes at fp32, and, from a fresh process (`measure_session`), the session's resident memory (RSS growth from
+    creating it and running the first window) and tokens/s (prompt processing: one full forward per window)."""
     require(RUN_MODULES, "running the ONNX model", "onnx")
-    import onnxruntime  # noqa: F401  (imported before the RSS baseline: the library itself is not the model)
-
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise FoldGPTError(f"ONNX file not found: {onnx_path}")
@@ -261,25 +351,15 @@ def check_onnx(model_dir: str | Path, onnx_path: str | Path, n_windows: int = 4,
     model, tok = (reference, None) if reference is not None else load(model_dir)
     ids = tok(text)["input_ids"] if (text and tok is not None) else None
     windows = token_windows(int(model.config.vocab_size), n_windows, seq_len, seed, ids)
-    rss0 = rss_bytes()
-    sess = session(onnx_path, threads, prepack)
-    first = run_session(sess, windows[:1])
-    rss = rss_bytes() - rss0
-    t = time.perf_counter()
-    outs = [first] + [run_session(sess, windows[i : i + 1]) for i in range(1, n_windows)]
-    outs.append(run_session(sess, windows[:1]))  # the first window again, timed with the others
-    elapsed = time.perf_counter() - t
-    diff = 0.0
+    logits, stats = measure_session(onnx_path, windows, threads, prepack)
     with torch.no_grad():
-        for i in range(n_windows):
-            ref = model(input_ids=windows[i : i + 1], use_cache=False).logits.float()
-            diff = max(diff, (outs[i] - ref).abs().max().item())
+        ref = torch.cat([model(input_ids=windows[i : i + 1], use_cache=False).logits.float()
+                         for i in range(n_windows)])
     return {
-        "max_abs_diff": diff,
+        "max_abs_diff": (logits - ref).abs().max().item(),
         "file_bytes": file_bytes(onnx_path),
         "unique_param_bytes": unique_param_bytes(model_dir),
-        "rss_bytes": rss,
-        "tokens_per_s": n_windows * seq_len / elapsed,
+        **stats,
         "windows": n_windows,
         "seq_len": seq_len,
     }
