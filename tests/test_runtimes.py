@@ -32,7 +32,8 @@ def wide_config(kind: str):
     from transformers import Gemma3TextConfig, LlamaConfig
 
     common = dict(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=LAYERS,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=2)
     if kind == "llama":
         return LlamaConfig(**common, tie_word_embeddings=True)
     return Gemma3TextConfig(**common, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
