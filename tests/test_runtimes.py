@@ -168,3 +168,15 @@ def test_bad_export_input_is_one_line(folded, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("foldgpt: error:"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.gguf"]
     assert (tmp_path / "taken.gguf").read_text() == "x"
+
+
+def test_dense_export_through_the_cli(folded, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    d, model = folded["llama"]
+    assert main(["export", str(d), "--dense", str(tmp_path / "dense")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'dense'}"
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (dense(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item() < 1e-4
