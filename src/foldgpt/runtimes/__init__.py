@@ -27,7 +27,7 @@ def check_output_file(out: str | Path, overwrite: bool, suffix: str) -> Path:
     """The output file as a Path, after the checks every export makes before it starts."""
     out = Path(out)
     if out.suffix.lower() != suffix:
-        raise FoldGPTError(f"the output file should end in {suffix}: {out}")
+        raise FoldGPTError(f"the output file must end in {suffix}: {out}")
     if out.is_dir():
         raise FoldGPTError(f"{out} is a folder; give a file name ending in {suffix}")
     if out.exists() and not overwrite:
@@ -56,7 +56,7 @@ def unique_param_bytes(model_dir: str | Path, bytes_per_param: int = 4) -> int:
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
-        raise FoldGPTError(f"{model_dir} holds no .safetensors weights")
+        raise FoldGPTError(f"{model_dir} holds no .safetensors weights; give a model folder")
     n = 0
     for f in files:
         with safe_open(str(f), "pt") as st:

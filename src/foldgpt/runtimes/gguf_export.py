@@ -50,7 +50,7 @@ def _rope_theta(cfg, kind: str = "full_attention") -> tuple[float, dict]:
         params = params[kind]
     theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
     if theta is None:
-        raise FoldGPTError(f"{cfg.model_type}: the config names no rotary base (rope_theta)")
+        raise FoldGPTError(f"{cfg.model_type}: the config names no rotary base (rope_theta); use --dense or --onnx")
     return float(theta), params
 
 
@@ -89,7 +89,8 @@ def check_architecture(cfg) -> dict:
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None):
         raise FoldGPTError("GGUF export: llama.cpp's gemma3 has no logit soft-capping (use --dense or --onnx)")
     if getattr(cfg, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-        raise FoldGPTError(f"GGUF export: llama.cpp's gemma3 runs tanh-GELU, this model {cfg.hidden_activation}")
+        raise FoldGPTError(f"GGUF export: llama.cpp's gemma3 runs tanh-GELU, this model {cfg.hidden_activation} "
+                           "(use --dense or --onnx)")
     period = _sliding_period(list(cfg.layer_types))
     if not period:
         kinds = "".join("G" if t == "full_attention" else "s" for t in cfg.layer_types)
@@ -121,10 +122,11 @@ def tokenizer_metadata(tok, vocab_size: int) -> dict:
     """The GGUF tokenizer keys of a byte-level BPE tokenizer: tokens by id (padded to the model's vocabulary),
     token types, merges, llama.cpp's pre-tokenizer name, special ids, add-bos flag and chat template."""
     if tok is None:
-        raise FoldGPTError("GGUF export needs the model's tokenizer; the folder has none")
+        raise FoldGPTError("GGUF export needs the model's tokenizer; the folder has none (copy its tokenizer files "
+                           "into it)")
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
-        raise FoldGPTError("GGUF export needs a fast (tokenizer.json) tokenizer")
+        raise FoldGPTError("GGUF export needs a fast tokenizer; give the folder a tokenizer.json")
     spec = json.loads(backend.to_str())
     model = spec.get("model", {})
     byte_level = any(p and p.get("type") == "ByteLevel" for p in
@@ -140,7 +142,8 @@ def tokenizer_metadata(tok, vocab_size: int) -> dict:
         id_to_token[added["id"]] = added["content"]
         types[added["id"]] = TOKEN_CONTROL if added.get("special") else TOKEN_USER_DEFINED
     if max(id_to_token) >= vocab_size:
-        raise FoldGPTError(f"the tokenizer has ids up to {max(id_to_token)} but the model only {vocab_size} rows")
+        raise FoldGPTError(f"the tokenizer has ids up to {max(id_to_token)} but the model only {vocab_size} rows; "
+                           "fix the tokenizer")
     tokens, token_types = [], []
     for i in range(vocab_size):
         if i in id_to_token:
@@ -176,7 +179,7 @@ def _tensors(dense: nn.Module, arch: str, dtype: str):
             continue
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise FoldGPTError(f"GGUF export: no llama.cpp name for tensor {key}")
+            raise FoldGPTError(f"GGUF export: no llama.cpp name for tensor {key}; use --dense or --onnx")
         t = t.detach().float()
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = cfg.num_attention_heads if "attn_q" in name else cfg.num_key_value_heads
