@@ -209,9 +209,29 @@ def generate(path: str | Path, prompt: str, max_new_tokens: int = 64, sample: bo
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def export(path: str | Path, out: str | Path, fmt: str = "dense", overwrite: bool = False, int8: bool = False,
+           gguf_dtype: str = "f16") -> Path:
+    """Export the folded model in `path`: "dense" (a base-architecture folder), "onnx" (one file, each shared
+    matrix stored once; `int8`: onnxruntime's dynamic int8 on top) or "gguf" (dense, for llama.cpp). Mirrors
+    `foldgpt export`."""
+    if fmt == "dense":
+        from .checkpoint.export import export_dense
+
+        return export_dense(path, out, overwrite)
+    if fmt == "onnx":
+        from .runtimes.onnx import export_onnx
+
+        return export_onnx(path, out, overwrite, int8=int8)
+    if fmt == "gguf":
+        from .runtimes.gguf_export import export_gguf
+
+        return export_gguf(path, out, overwrite, dtype=gguf_dtype)
+    raise FoldGPTError(f"unknown export format '{fmt}' (dense, onnx or gguf)")
+
+
 def load(path: str | Path):
     """Load a compressed folder (or any supported model) as (model, tokenizer)."""
     return load_model(str(path))
 
 
-__all__ = ["CompressResult", "analyze", "compress", "evaluate", "generate", "info", "load"]
+__all__ = ["CompressResult", "analyze", "compress", "evaluate", "export", "generate", "info", "load"]

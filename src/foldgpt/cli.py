@@ -76,9 +76,14 @@ def _bench(args) -> int:
 
 
 def _export(args) -> int:
-    from .checkpoint.export import export_dense
+    from .api import export
+    from .errors import FoldGPTError
 
-    print(f"wrote {export_dense(args.model_dir, args.dense, args.overwrite)}")
+    if args.int8 and not args.onnx:
+        raise FoldGPTError("--int8 applies to --onnx only; drop it or use --onnx")
+    fmt, out = next((f, getattr(args, f)) for f in ("dense", "onnx", "gguf") if getattr(args, f))
+    path = export(args.model_dir, out, fmt, overwrite=args.overwrite, int8=args.int8, gguf_dtype=args.gguf_dtype)
+    print(f"wrote {path}")
     return 0
 
 

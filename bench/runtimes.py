@@ -1,0 +1,111 @@
+"""On-device formats of one folded model next to its dense base: file size, max-abs logit difference, resident
+memory and tokens/s.
+
+    python bench/runtimes.py runs/smol-fold-075 --base smollm2-135m --text novel.txt --out bench/results/runtimes.md
+
+Rows: the folded safetensors folder (torch, the reference), its ONNX export (fp32, each shared matrix once; with and
+without onnxruntime's per-MatMul weight prepacking; int8), the dense base exported the same way, and the dense
+GGUF (f16 and f32) read back by transformers' GGUF loader (its size; no llama.cpp run here). ONNX rows run in a
+fresh process each (foldgpt.runtimes.onnx.measure_session): RSS is the growth from creating the session and running
+the first window; tokens/s is prompt processing, one full forward of `--seq-len` tokens per window, batch 1, no KV
+cache. Logit differences are against the model the file was made from (the folded model, or the dense base for its
+rows). Torch's tokens/s is measured in this process with the same windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+
+def torch_row(model, windows, folder: Path) -> dict:
+    import torch
+
+    with torch.no_grad():
+        model(input_ids=windows[:1], use_cache=False)
+        t = time.perf_counter()
+        for i in range(len(windows)):
+            model(input_ids=windows[i : i + 1], use_cache=False)
+        elapsed = time.perf_counter() - t
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return {"file_bytes": size, "max_abs_diff": 0.0, "rss_bytes": None, "tokens_per_s": windows.numel() / elapsed}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folded", help="a folded model folder (foldgpt compress --out)")
+    p.add_argument("--base", required=True, help="its dense base: alias, folder or .gguf")
+    p.add_argument("--text", help="text to take the token windows from (default: random ids)")
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--work", default=None, help="folder for the exported files (default: a temporary one)")
+    p.add_argument("--out", help="write the table (markdown) here, and the rows as JSON beside it")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    import tempfile
+
+    import torch
+
+    import foldgpt
+    from foldgpt.models import resolve
+    from foldgpt.runtimes import token_windows, unique_param_bytes
+    from foldgpt.runtimes.gguf_export import check_gguf, export_gguf
+    from foldgpt.runtimes.onnx import check_onnx, model_to_onnx, quantize_onnx
+
+    torch.set_num_threads(a.threads or torch.get_num_threads())
+    work = Path(a.work or tempfile.mkdtemp(prefix="foldgpt-runtimes-"))
+    work.mkdir(parents=True, exist_ok=True)
+    folded_dir, base_dir = Path(a.folded), Path(resolve(a.base))
+    text = Path(a.text).read_text() if a.text else None
+    folded, tok = foldgpt.load(folded_dir)
+    base, _ = foldgpt.load(base_dir)
+    ids = tok(text[:200_000])["input_ids"] if text else None
+    windows = token_windows(int(folded.config.vocab_size), a.windows, a.seq_len, 0, ids)
+    kw = dict(n_windows=a.windows, seq_len=a.seq_len, text=text[:200_000] if text else None, threads=a.threads)
+    rows = [("folded safetensors (torch)", torch_row(folded, windows, folded_dir)),
+            ("dense safetensors (torch)", torch_row(base, windows, base_dir))]
+
+    f32 = model_to_onnx(folded, work / "folded.onnx", overwrite=True)
+    rows.append(("folded ONNX fp32", check_onnx(folded_dir, f32, reference=folded, **kw)))
+    rows.append(("folded ONNX fp32, no prepacking", check_onnx(folded_dir, f32, reference=folded, prepack=False,
+                                                               **kw)))
+    q = quantize_onnx(f32, work / "folded-int8.onnx", overwrite=True)
+    rows.append(("folded ONNX int8", check_onnx(folded_dir, q, reference=folded, **kw)))
+    d32 = model_to_onnx(base, work / "dense.onnx", overwrite=True)
+    rows.append(("dense ONNX fp32", check_onnx(base_dir, d32, reference=base, **kw)))
+    dq = quantize_onnx(d32, work / "dense-int8.onnx", overwrite=True)
+    rows.append(("dense ONNX int8", check_onnx(base_dir, dq, reference=base, **kw)))
+    for dtype in ("f16", "f32"):
+        g = export_gguf(folded_dir, work / f"folded-{dtype}.gguf", overwrite=True, dtype=dtype)
+        res = check_gguf(folded_dir, g, n_windows=a.windows, seq_len=a.seq_len, text=kw["text"])
+        rows.append((f"folded GGUF {dtype} (dense, transformers load-back)",
+                     {**res, "rss_bytes": None, "tokens_per_s": None}))
+
+    unique = unique_param_bytes(folded_dir)
+    lines = [f"folded: `{folded_dir}` ({unique / 1e6:.1f} MB of unique fp32 parameters); dense base: `{a.base}` "
+             f"({unique_param_bytes(base_dir) / 1e6:.1f} MB); {a.windows} windows of {a.seq_len} tokens"
+             f"{' from ' + a.text if a.text else ' (random ids)'}, onnxruntime threads: {a.threads or 'default'}",
+             "", "| format | file MB | max-abs logit diff | RSS MB | tokens/s |", "|---|---:|---:|---:|---:|"]
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    for name, r in rows:
+        rss = None if r.get("rss_bytes") is None else r["rss_bytes"] / 1e6
+        lines.append(f"| {name} | {r['file_bytes'] / 1e6:.1f} | {fmt(r['max_abs_diff'], '.2e')} | {fmt(rss, '.0f')} "
+                     f"| {fmt(r.get('tokens_per_s'), '.0f')} |")
+    table = "\n".join(lines)
+    print(table)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(table + "\n")
+        Path(a.out).with_suffix(".json").write_text(json.dumps(dict(rows), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

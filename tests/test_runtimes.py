@@ -1,0 +1,182 @@
+"""On-device exports (foldgpt.runtimes): ONNX with each shared matrix stored once, run in onnxruntime; dense GGUF
+read back by transformers' GGUF loader; the CLI's one-line errors when a runtime is missing or the input is bad.
+
+The models are tiny but wide enough (hidden 256) that the ONNX graph's own bytes are small next to the weights,
+so "file size within 5% of the unique-parameter bytes" says that the shared matrices are stored once."""
+
+import importlib.util
+
+import pytest
+import torch
+from helpers import fast_config
+from tinymodels import make_tokenizer
+
+import foldgpt
+from foldgpt import Plan
+from foldgpt.cli import main
+from foldgpt.errors import FoldGPTError
+
+LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj"]
+LAYERS = 4
+# transformers model_type, layer kinds (Gemma-3: every 2nd layer global), groups, deleted sub-blocks; the first
+# child of the first group runs its parent's matrices scaled (alpha W + B A), the last child of the last group in
+# full (W + B A)
+KINDS = {
+    "llama": ("llama", [], [[1, 2, 3]], ["0.mlp"]),
+    "gemma3": ("gemma3_text", ["sliding_attention", "full_attention"] * 2, [[0, 2], [1, 3]], []),
+}
+
+
+def wide_config(kind: str):
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    common = dict(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=LAYERS,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=2)
+    if kind == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=True)
+    return Gemma3TextConfig(**common, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
+                            layer_types=KINDS["gemma3"][1])
+
+
+@pytest.fixture(scope="module")
+def folded(tmp_path_factory, text_file):
+    """Per family: a folded folder with an alpha child (alpha W + B A) and a shared child (W + B A), no cure;
+    and the folded model."""
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for kind, (model_type, kinds, groups, removed) in KINDS.items():
+        root = tmp_path_factory.mktemp(f"rt-{kind}")
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(wide_config(kind), dtype=torch.float32)
+        base.save_pretrained(root / "base")
+        make_tokenizer().save_pretrained(root / "base")
+        alpha_child, shared_child = groups[0][1], groups[-1][-1]
+        plan = Plan(num_layers=LAYERS, model_type=model_type, removed=removed, groups=groups, layer_kinds=kinds,
+                    adapter_rank=2, adapter_init="svd",
+                    child_modes={str(alpha_child): {lin: "alpha" for lin in LINEARS},
+                                 str(shared_child): {lin: "shared" for lin in LINEARS}})
+        res = foldgpt.compress(str(root / "base"), [str(text_file)], root / "folded", fast_config(cure=False),
+                               plan=plan)
+        out[kind] = (root / "folded", res.model)
+    return out
+
+
+def dense_param_bytes(model) -> int:
+    from foldgpt.checkpoint.export import to_dense
+
+    return sum(p.numel() for p in to_dense(model).parameters()) * 4
+
+
+# ---- ONNX -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def onnx_files(folded, tmp_path_factory):
+    pytest.importorskip("onnxruntime", reason="onnxruntime has no wheel for this platform")
+    pytest.importorskip("onnxscript", reason="onnxscript (torch's ONNX exporter) is not installed")
+    root = tmp_path_factory.mktemp("onnx")
+    return {kind: foldgpt.api.export(d, root / f"{kind}.onnx", "onnx") for kind, (d, _) in folded.items()}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_onnx_stores_each_shared_matrix_once_and_matches_the_folded_model(folded, onnx_files, kind):
+    from foldgpt.runtimes.onnx import check_onnx
+
+    d, model = folded[kind]
+    res = check_onnx(d, onnx_files[kind], n_windows=2, seq_len=24)  # 24 > the Gemma's sliding window of 16
+    assert res["max_abs_diff"] < 1e-3, res
+    assert abs(res["file_bytes"] - res["unique_param_bytes"]) <= 0.05 * res["unique_param_bytes"], res
+    assert res["file_bytes"] < 0.8 * dense_param_bytes(model)  # the same model with its copies expanded
+    assert res["rss_bytes"] > 0 and res["tokens_per_s"] > 0  # measured in a fresh process
+
+
+def test_onnx_int8_is_smaller_and_close(folded, onnx_files, tmp_path):
+    from foldgpt.runtimes.onnx import check_onnx, quantize_onnx
+
+    d, _ = folded["llama"]
+    q = quantize_onnx(onnx_files["llama"], tmp_path / "int8.onnx")
+    res = check_onnx(d, q, n_windows=2, seq_len=16)
+    assert res["file_bytes"] < 0.4 * res["unique_param_bytes"], res
+    assert res["max_abs_diff"] < 0.5, res
+
+
+# ---- GGUF -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_gguf_round_trip_through_transformers(folded, kind, tmp_path):
+    pytest.importorskip("gguf", reason="the gguf package is not installed")
+    from foldgpt.runtimes.gguf_export import check_gguf
+
+    d, model = folded[kind]
+    out = foldgpt.api.export(d, tmp_path / "m.gguf", "gguf", gguf_dtype="f32")
+    res = check_gguf(d, out, n_windows=2, seq_len=24)
+    assert res["max_abs_diff"] < 1e-4, res
+    assert res["same_tokens"], res
+    assert res["file_bytes"] >= 0.95 * dense_param_bytes(model)  # dense: a copy per position
+    f16 = foldgpt.api.export(d, tmp_path / "h.gguf", "gguf")
+    res16 = check_gguf(d, f16, n_windows=1, seq_len=24)
+    assert res16["max_abs_diff"] < 0.05 and res16["file_bytes"] < 0.6 * res["file_bytes"], res16
+
+
+def test_gguf_refuses_what_llama_cpp_cannot_run():
+    from transformers import Gemma3TextConfig
+
+    from foldgpt.runtimes.gguf_export import _sliding_period, check_architecture
+
+    assert _sliding_period(["sliding_attention"] * 5 + ["full_attention"]) == 6
+    assert _sliding_period(["sliding_attention", "full_attention"] * 2) == 2
+    broken = ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]
+    assert _sliding_period(broken) == 0
+    cfg = Gemma3TextConfig(num_hidden_layers=4, layer_types=broken, head_dim=32, query_pre_attn_scalar=32)
+    with pytest.raises(FoldGPTError, match="every p-th layer global"):
+        check_architecture(cfg)
+    cfg = Gemma3TextConfig(num_hidden_layers=2, head_dim=32, query_pre_attn_scalar=256)
+    with pytest.raises(FoldGPTError, match="scales queries"):
+        check_architecture(cfg)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------------
+def test_export_needs_exactly_one_format(folded, tmp_path):
+    d, _ = folded["llama"]
+    for argv in (["export", str(d)], ["export", str(d), "--onnx", "a.onnx", "--gguf", "a.gguf"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("flag, missing, extra", [("--onnx", "onnxscript", "onnx"), ("--gguf", "gguf", "gguf")])
+def test_missing_runtime_is_one_line_and_writes_nothing(folded, tmp_path, capsys, monkeypatch, flag, missing, extra):
+    d, _ = folded["llama"]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    out = tmp_path / ("m" + flag.replace("--", "."))
+    assert main(["export", str(d), flag, str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("foldgpt: error:") and f"pip install 'foldgpt[{extra}]'" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_export_input_is_one_line(folded, tmp_path, capsys):
+    d, _ = folded["llama"]
+    (tmp_path / "taken.gguf").write_text("x")
+    for argv in (["export", str(d), "--gguf", str(tmp_path / "wrong.onnx")],
+                 ["export", str(d), "--gguf", str(tmp_path / "taken.gguf")],
+                 ["export", str(d), "--gguf", str(tmp_path / "m.gguf"), "--int8"],
+                 ["export", str(tmp_path), "--onnx", str(tmp_path / "m.onnx")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("foldgpt: error:"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.gguf"]
+    assert (tmp_path / "taken.gguf").read_text() == "x"
+
+
+def test_dense_export_through_the_cli(folded, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    d, model = folded["llama"]
+    assert main(["export", str(d), "--dense", str(tmp_path / "dense")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'dense'}"
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (dense(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item() < 1e-4
