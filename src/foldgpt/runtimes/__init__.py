@@ -23,16 +23,16 @@ def require(modules: list[str], what: str, extra: str) -> None:
                            f"installed; pip install 'foldgpt[{extra}]'")
 
 
-def check_output_file(out: str | Path, overwrite: bool, suffix: str) -> Path:
-    """The output file as a Path, after the checks every export makes before it starts."""
+def check_output_file(out: str | Path, overwrite: bool, suffix: str, inputs: tuple = ()) -> Path:
+    """The output file as a Path, after the checks every export makes before it starts (fileio.check_output:
+    writable place, not the input, not an existing file without `overwrite`)."""
+    from ..fileio import check_output
+
     out = Path(out)
+    option = "--" + suffix.lstrip(".")
     if out.suffix.lower() != suffix:
-        raise FoldGPTError(f"the output file must end in {suffix}: {out}")
-    if out.is_dir():
-        raise FoldGPTError(f"{out} is a folder; give a file name ending in {suffix}")
-    if out.exists() and not overwrite:
-        raise FoldGPTError(f"output file {out} already exists; choose another name or pass --overwrite")
-    return out
+        raise FoldGPTError(f"the output file must end in {suffix}: {out}; give {option} a name like model{suffix}")
+    return check_output(out, overwrite, option=option, file=True, inputs=inputs)
 
 
 def file_bytes(path: str | Path) -> int:
