@@ -35,6 +35,7 @@ declare -A ARGS=(
   [sleb_nocure]="--method sleb --plan ${P}_sleb.json --no-cure"
   [foldgpt_compensate_s0]="--compensate replaceme --cure-seed 0"
   [foldgpt_r0125_s0]="--child-fractions 0.125 --cure-seed 0"
+  [foldgpt_r0125_s1]="--child-fractions 0.125 --cure-seed 1"
   [foldgpt_r025_s0]="--child-fractions 0.25 --cure-seed 0"
   [foldgpt_greedy_s0]="--ranking greedy --cure-seed 0"
   [foldgpt_gen25_s0]="--general-share 0.25 --cure-seed 0"
