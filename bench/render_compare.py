@@ -25,6 +25,10 @@ LABELS = {
     "foldgpt_plan_nocure": "foldgpt's plan (fitted children), no cure",
     "foldgpt_plan_childlr0": "foldgpt's plan, child factors frozen in the cure (`--child-lr-scale 0`)",
     "sleb_nocure": "SLEB, no cure",
+    "foldgpt_gen25": "foldgpt, a quarter of general calibration text (`--general-share 0.25`)",
+    "shortgpt_gen25": "ShortGPT + cure, a quarter of general calibration text (`--general-share 0.25`)",
+    "sleb_gen25": "SLEB + cure, a quarter of general calibration text (`--general-share 0.25`)",
+    "blockpruner_gen25": "BlockPruner + cure, a quarter of general calibration text (`--general-share 0.25`)",
     "shortgpt": "ShortGPT + cure",
     "sleb": "SLEB + cure",
     "blockpruner": "BlockPruner + cure",
@@ -51,7 +55,7 @@ def main() -> None:
                      f"{' / '.join(_ood(r) for r in rows)} | "
                      f"{' / '.join(str(round(r['wall_seconds'])) for r in rows)} | "
                      f"{max(r['peak_rss_bytes'] for r in rows) / 2**30:.2f} |")
-    peers = {k: v for k, v in means.items() if not k.startswith("foldgpt") and "nocure" not in k}
+    peers = {k: v for k, v in means.items() if not k.startswith("foldgpt") and "nocure" not in k and "gen25" not in k}
     if "foldgpt" in means and peers:
         best = min(peers, key=peers.get)
         lines.append("")
