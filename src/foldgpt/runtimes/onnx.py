@@ -49,6 +49,15 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
+def _rename_inputs(graph, rename: dict[str, str]) -> None:
+    """Point every node input named in `rename` (in `graph` and its subgraphs) at its new name."""
+    for g in _subgraphs(graph):
+        for node in g.node:
+            for i, name in enumerate(node.input):
+                if name in rename:
+                    node.input[i] = rename[name]
+
+
 def _subgraphs(graph):
     import onnx
 
@@ -84,11 +93,8 @@ def dedup_initializers(model) -> int:
         return 0
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    _rename_inputs(graph, rename)
     for g in _subgraphs(graph):
-        for node in g.node:
-            for i, name in enumerate(node.input):
-                if name in rename:
-                    node.input[i] = rename[name]
         for out in g.output:
             if out.name in rename:  # an initializer that is also a graph output keeps its name through an Identity
                 raise FoldGPTError(f"cannot merge initializer {out.name}: it is a graph output")
@@ -139,11 +145,7 @@ def fold_shared_transposes(model) -> int:
         return 0
     for node in drop:
         graph.node.remove(node)
-    for g in _subgraphs(graph):
-        for node in g.node:
-            for i, name in enumerate(node.input):
-                if name in rename:
-                    node.input[i] = rename[name]
+    _rename_inputs(graph, rename)
     used = {name for g in _subgraphs(graph) for node in g.node for name in node.input}
     used |= {o.name for o in graph.output}
     keep = [i for i in graph.initializer if i.name in used]
