@@ -6,8 +6,9 @@ perplexity on held-out text.
 
 Calibration text: the five Austen calibration novels of ../shared/data (SHARED_DATA overrides); evaluation: the
 first 16,384 tokens of Pride and Prejudice in 512-token windows, and, as text of another kind than the calibration
-novels, the GNU GPL v3 licence text where the system has it (`OOD_TEXT` overrides; `eval_ood` in the row). Other arguments go to `foldgpt compress`
-(e.g. `--cure-seed 1`). The compress runs in a child process, so its peak RSS is the
+novels, the GNU GPL v3 licence text where the system has it (`OOD_TEXT` overrides; `eval_ood` in the row) and
+the stories of BIG-bench's causal_judgment task (modern narrative English, ../shared/data/bigbench; `eval_stories`).
+Other arguments go to `foldgpt compress` (e.g. `--cure-seed 1`). The compress runs in a child process, so its peak RSS is the
 process's own (resource.getrusage of the children).
 """
 
@@ -25,6 +26,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIB = ["emma", "mansfieldpark", "sensesensibility", "northangerabbey", "persuasion"]
+
+
+def write_stories(shared: Path, out: Path) -> bool:
+    """The inputs of BIG-bench's causal_judgment task (short stories, each ending in a question), one per paragraph,
+    as a text file: modern narrative English unlike the calibration novels. False where the task is missing."""
+    task = shared / "bigbench" / "causal_judgment" / "task.json"
+    if not task.is_file():
+        return False
+    examples = json.loads(task.read_text())["examples"]
+    out.write_text("\n\n".join(e["input"].strip() for e in examples) + "\n")
+    return True
 
 
 def main() -> None:
@@ -60,11 +72,17 @@ def main() -> None:
             subprocess.run([fg, "eval", out, "--text", str(ood), "--seq-len", "512", "--json", str(ev)], check=True,
                            env=env)
             ppl_ood = json.loads(ev.read_text())
+        stories = Path(tmp) / "stories.txt"
+        ppl_stories = None
+        if write_stories(data.parents[1], stories):
+            subprocess.run([fg, "eval", out, "--text", str(stories), "--seq-len", "512", "--max-tokens", "16384",
+                            "--json", str(ev)], check=True, env=env)
+            ppl_stories = json.loads(ev.read_text())
     row = {"model": args.model, "target_params": float(args.target_params), "extra": args.extra,
            "wall_seconds": round(wall, 1), "peak_rss_bytes": peak, "stage_seconds": summary["seconds"],
            "params_ratio": summary["params_ratio"], "removed": summary["removed"], "groups": summary["groups"],
            "calib_loss_before_cure": summary["calib_loss_before_cure"], "calib_loss": summary["calib_loss"],
-           "eval": ppl, "eval_ood": ppl_ood, "plan": {k: plan.get(k) for k in ("removed", "groups", "child_ranks", "child_modes",
+           "eval": ppl, "eval_ood": ppl_ood, "eval_stories": ppl_stories, "plan": {k: plan.get(k) for k in ("removed", "groups", "child_ranks", "child_modes",
                                                           "adapter_init", "unit", "method", "compensation")}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(row, indent=2) + "\n")

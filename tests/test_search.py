@@ -190,3 +190,26 @@ def test_cure_trains_fitted_factors_at_a_scaled_learning_rate(tiny_dirs, text_fi
                                                                         child_lr_scale=scale, teacher_cache=False))
         moved[scale] = max(float((v.lora_B - b).abs().max()) for v, b in zip(views, before))
     assert moved[0.0] == 0.0 and moved[1.0] > 0.0
+
+
+def test_exchange_rounds_keep_the_target_and_never_raise_the_loss(tiny_dirs, text_file):
+    """--refine: an exchange is kept only where the loss falls, so the searched loss is at most the greedy one;
+    the model's own weights are back afterwards and the plan still lands on the target."""
+    plain = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=0.6)
+    refined = make_ctx(tiny_dirs["llama"], text_file, "foldgpt", target=0.6)
+    refined.cfg.ranking.refine = 4
+    before = {k: v.clone() for k, v in refined.model.state_dict().items()}
+    foldgpt.methods.get_method("foldgpt").run(plain)
+    plan = foldgpt.methods.get_method("foldgpt").run(refined)
+    after = refined.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    greedy = [s for s in plain.info.search["steps"] if "layer" in s]
+    steps = refined.info.search["steps"]
+    assert steps[: len(greedy)] == greedy  # the same greedy search first
+    exchanges = steps[len(greedy):]
+    assert all(s["kind"] == "exchange" for s in exchanges)
+    losses = [greedy[-1]["loss"]] + [s["loss"] for s in exchanges]
+    assert all(b < a for a, b in zip(losses, losses[1:]))
+    student = clone_sharing_weights(refined.model)
+    apply_plan_(student, plan, refined.adapter, fits=refined.child_fits())
+    assert unique_params(student) <= refined.budget.target_params

@@ -174,6 +174,9 @@ def _compress_parser(sub) -> None:
                   "NLL removal, then children fold back) or learned gates")
     _setting(c, "--child-fractions", "cfg:ranking.child_fractions", type=_floats, metavar="F,F",
              help="search: the fitted children's sizes, as fractions of a block's parameters")
+    _setting(c, "--search-general", "cfg:ranking.search_general", type=int, metavar="N",
+             help="search: also score actions on N windows of built-in general text, so what an action costs off "
+                  "the calibration text counts too (fits and cure still use only your text)")
     _setting(c, "--rescore", "cfg:ranking.rescore", type=int,
              help="search: after the first step re-score only this many best actions (0: all, every step)")
     _setting(c, "--search-score", "cfg:ranking.score", choices=SEARCH_SCORES,
@@ -184,6 +187,9 @@ def _compress_parser(sub) -> None:
     _setting(c, "--actions", "cfg:ranking.actions", type=_names,
              help="search: what it may do to a layer: delete its attention (attn) or MLP (mlp), delete it (layer), "
                   "make it a fitted child (child)")
+    _setting(c, "--refine", "cfg:ranking.refine", type=int, metavar="N",
+             help="search: up to N exchange rounds after it reaches the target (give a layer back parameters, take "
+                  "the cheapest actions elsewhere, keep the exchange where the calibration loss falls; 0: off)")
     _setting(c, "--per-step", "cfg:ranking.per_step", type=int,
              help="search: actions taken per step (the best, then the next best of other layers)")
     _setting(c, "--no-alpha", "cfg:fold.alpha", action="store_false",

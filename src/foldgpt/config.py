@@ -65,9 +65,13 @@ class RankingConfig:
     score: str = "topk"
     topk: int = 64
     search_windows: int = 2  # calibration windows the search scores on
+    # windows of built-in general text (Python's documentation) scored beside them, so the search weighs what an
+    # action costs off the calibration text too (the fits and the cure still see only the calibration text)
+    search_general: int = 0
     confirm: int = 0  # > 0: the best few of each step are scored again with the exact NLL on confirm_windows
     confirm_windows: int = 4
     per_step: int = 3  # actions taken per search step (the best, then the next best of other layers)
+    refine: int = 0  # exchange rounds after the search (give one layer back parameters, re-spend them elsewhere)
     actions: list[str] = field(default_factory=lambda: list(SEARCH_ACTIONS))  # what the search may do
 
     def __post_init__(self):
@@ -79,7 +83,9 @@ class RankingConfig:
         _check(bool(self.actions) and set(self.actions) <= set(SEARCH_ACTIONS),
                f"search actions must be among {', '.join(SEARCH_ACTIONS)}; got {self.actions}")
         _check(self.topk >= 1 and self.search_windows >= 1, "--topk and search windows must be >= 1")
+        _check(self.search_general >= 0, f"--search-general must be >= 0, got {self.search_general}")
         _check(self.per_step >= 1, f"--per-step must be >= 1, got {self.per_step}")
+        _check(self.refine >= 0, f"--refine must be >= 0 (0: off), got {self.refine}")
         _check(self.confirm >= 0 and self.confirm_windows >= 1, "--confirm must be >= 0 (0: off)")
         _finite(self, "ranking.")
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from . import __version__
 from .adapters import get_adapter
 from .config import CompressConfig
-from .data import DEFAULT_TEXT, builtin_text, load_text, mixed_calibration, needs_bos, tokenize
+from .data import DEFAULT_TEXT, builtin_text, calibration_batches, load_text, mixed_calibration, needs_bos, tokenize
 from .errors import FoldGPTError
 from .fileio import write_json_atomic
 from .methods import Context, MethodInfo, get_method
@@ -88,6 +88,7 @@ class Session:
     analysis: dict
     corpus: object
     seconds: dict = field(default_factory=dict)
+    general: torch.Tensor | None = None  # windows of built-in general text the search scores (--search-general)
     _dense_loss: float | None = None
 
     def held(self) -> torch.Tensor:
@@ -118,12 +119,16 @@ def prepare(model: str, text: list[str] | str | None, cfg: CompressConfig,
             dense.to(cfg.device)
         bos = needs_bos(tok, adapter.needs_bos)
         ids = tokenize(tok, corpus.text)
-        general = (tokenize(tok, builtin_text()) if cfg.general_share > 0 and corpus.sources != [DEFAULT_TEXT]
-                   else None)
-        calib = mixed_calibration(ids, general, cfg.calib_seqs, cfg.seq_len, cfg.seed, cfg.general_share,
-                                  tok.bos_token_id if bos else None)
+        wants_general = cfg.general_share > 0 or cfg.ranking.search_general > 0
+        general = tokenize(tok, builtin_text()) if wants_general and corpus.sources != [DEFAULT_TEXT] else None
+        calib = mixed_calibration(ids, general if cfg.general_share > 0 else None, cfg.calib_seqs, cfg.seq_len,
+                                  cfg.seed, cfg.general_share, tok.bos_token_id if bos else None)
+        general_windows = (calibration_batches(general, cfg.ranking.search_general, cfg.seq_len, cfg.seed + 2,
+                                               tok.bos_token_id if bos else None)
+                           if general is not None and cfg.ranking.search_general > 0 else None)
         log.info("calibration: %d tokens of text, %d windows of %d%s", ids.numel(), len(calib), cfg.seq_len,
-                 f" ({cfg.general_share:.0%} from built-in general text)" if general is not None else "")
+                 f" ({cfg.general_share:.0%} from built-in general text)"
+                 if cfg.general_share > 0 and general is not None else "")
         if resume is not None:
             resume.bind(dense, calib, corpus.sha256, cfg)
     with timer.stage("Analyzing", 2, 6):
@@ -138,7 +143,8 @@ def prepare(model: str, text: list[str] | str | None, cfg: CompressConfig,
             sim = similarity(dense, adapter, calib[: min(32, len(calib))], skip_first=bos)
         if resume is not None:
             resume.save_similarity(sim)
-    return Session(model, dense, tok, adapter, bos, calib, sim, analysis_dict(sim), corpus, timer.seconds)
+    return Session(model, dense, tok, adapter, bos, calib, sim, analysis_dict(sim), corpus, timer.seconds,
+                   general=general_windows)
 
 
 @dataclass
@@ -181,7 +187,8 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None,
         check_compensable(s.adapter, s.dense.config.model_type, cfg.compensate)
     if resume is not None and searches is None:
         searches = resume.searches()
-    ctx = Context(s.dense, s.adapter, s.calib, cfg, budget, s.bos, s.similarity, searches=searches, resume=resume)
+    ctx = Context(s.dense, s.adapter, s.calib, cfg, budget, s.bos, s.similarity, searches=searches, resume=resume,
+                  general=s.general)
     with timer.stage("Planning" if plan is None else "Applying plan", 3, 6):
         if plan is not None:
             if plan.num_layers != num_layers or plan.model_type != s.dense.config.model_type:

@@ -54,6 +54,7 @@ class Context:
     fits: object | None = None  # fit.ChildFits of the dense model, built on first use (child_fits)
     searches: SearchCache | None = None  # finished greedy searches to reuse and continue; None: none kept
     resume: Resume | None = None  # where compress saves finished stages (resume.py); None: nothing saved
+    general: torch.Tensor | None = None  # windows of built-in general text the search also scores (--search-general)
 
     @property
     def num_layers(self) -> int:

@@ -73,9 +73,11 @@ def search_fold(ctx: Context) -> Plan:
     target = b.target_params if b.target_params is not None else b.base_params - b.n_remove * b.block_params
     fits = ctx.child_fits()
     ids = ctx.calib[: min(cfg.ranking.search_windows, len(ctx.calib))]
+    if ctx.general is not None:  # --search-general: general-text windows scored beside the calibration ones
+        ids = torch.cat([ids, ctx.general.to(ids.device)])
     r = cfg.ranking
     found = search(ctx, fits, target, ids, r.child_fractions, r.rescore, r.score, r.topk, r.confirm,
-                   ctx.calib[: min(r.confirm_windows, len(ctx.calib))], r.per_step, tuple(r.actions))
+                   ctx.calib[: min(r.confirm_windows, len(ctx.calib))], r.per_step, tuple(r.actions), r.refine)
     costs = layer_costs(ctx.model, ctx, fits.paths)
     used = b.base_params - sum(c.block for c in costs) + sum(c.params(s) for c, s in zip(costs, found.states))
     n_children = sum(s[0] == "child" for s in found.states)

@@ -77,6 +77,20 @@ def layer_costs(model: nn.Module, ctx: Context, paths: list[str]) -> list[LayerC
 ACTIONS = ("attn", "mlp", "layer", "child")  # what the search may do to a layer (`--actions`)
 
 
+def undos(state: tuple, ranks: list[int], actions: tuple[str, ...] = ACTIONS) -> list[tuple]:
+    """The states with more parameters one step back from `state` (what the refinement may give back): a child
+    at a higher rank, a deleted layer as a child or as a half, a half layer whole again."""
+    kind = state[0]
+    if kind == "child":
+        return [("child", r) for r in ranks if r > state[1]]
+    if kind in (NO_ATTN, NO_MLP):
+        return [(KEEP,)]
+    if kind == GONE:
+        return ([("child", r) for r in ranks] if "child" in actions else []) + (
+            [(NO_ATTN,)] if "attn" in actions else []) + ([(NO_MLP,)] if "mlp" in actions else [])
+    return []
+
+
 def transitions(state: tuple, ranks: list[int], actions: tuple[str, ...] = ACTIONS) -> list[tuple]:
     """The states one action leads to from `state` (each saves parameters), among the allowed `actions`."""
     kind = state[0]
@@ -165,6 +179,9 @@ class _Scorer:
                 lay.get_submodule(p).weight = w
 
     def commit(self, layer: int, state: tuple) -> None:
+        if state[0] != "child" and layer in self.swapped:  # back from a child (the refinement): its own weights
+            for p, w in self.swapped.pop(layer).items():
+                self.layers[layer].get_submodule(p).weight = w
         if state[0] == "child":
             lay = self.layers[layer]
             self.swapped.setdefault(layer, {p: lay.get_submodule(p).weight for p in self.fits.paths})
@@ -201,11 +218,13 @@ class SearchResult:
 def search(ctx: Context, fits: ChildFits, target: int, ids: torch.Tensor, fractions: list[float],
            rescore: int = 6, score: str = "nll", topk: int = 64, confirm: int = 0,
            confirm_ids: torch.Tensor | None = None, per_step: int = 1,
-           actions: tuple[str, ...] = ACTIONS) -> SearchResult:
+           actions: tuple[str, ...] = ACTIONS, refine: int = 0) -> SearchResult:
     """The greedy search over actions until the unique parameters are at most `target` (see the module doc).
     `rescore` <= 0 scores every action at every step (the exact greedy). `confirm` > 0: the best `confirm` actions
     of each step's scores are scored again with the exact NLL on `confirm_ids`, which decides. `per_step` > 1 also
-    takes the next best actions of other layers (at most twice the best's cost per parameter) in the same step."""
+    takes the next best actions of other layers (at most twice the best's cost per parameter) in the same step.
+    `refine` > 0: then up to that many exchange rounds (_refine): give one layer back some parameters, take the
+    cheapest actions elsewhere until the target again, and keep the exchange only where the loss fell."""
     costs = layer_costs(ctx.model, ctx, fits.paths)
     n = len(costs)
     prot = ctx.protected()
@@ -284,12 +303,75 @@ def search(ctx: Context, fits: ChildFits, target: int, ids: torch.Tensor, fracti
             rounds += 1
             if ctx.resume is not None:
                 ctx.resume.save_search(_saved_state(states, stale, steps, params, current, exact, rounds))
+        if refine > 0 and judge is None:
+            bar.close()
+            states, params, current = _refine(scorer, costs, states, ranks, actions, prot, target, params, current,
+                                              stale, steps, refine)
     finally:
         bar.close()
         if judge is not None:  # first: its weight swaps sit on top of the scorer's
             judge.close()
         scorer.close()
     return SearchResult(states, steps, ranks, dense)
+
+
+def _refine(scorer: _Scorer, costs: list[LayerCosts], states: list[tuple], ranks: list[int],
+            actions: tuple[str, ...], prot: set[int], target: int, params: int, current: float,
+            stale: dict[tuple, float], steps: list[dict], rounds: int) -> tuple[list[tuple], int, float]:
+    """Exchange rounds after the greedy search: a greedy choice made early, when the model was whole, may be worse
+    than what the later ones made possible. Each round scores every one-step give-back (undos) and takes the one
+    that lowers the loss most per parameter given back, then the cheapest actions (lazily re-scored, as in the
+    search) of the other layers until the model is at the target again; the round is kept only if the loss is
+    then lower than before it, else undone, and the next round tries the next give-back. Each kept round is one
+    more entry of `steps` (kind "exchange"). Returns (states, params, loss)."""
+    n = len(states)
+    tried: set[tuple] = set()
+    for _ in tqdm(range(rounds), desc="FoldGPT search (exchanges)", leave=False):
+        backs = [(i, s) for i in range(n) if i not in prot for s in undos(states[i], ranks, actions)
+                 if (i, s) not in tried]
+        if not backs:
+            break
+        gains = {}
+        for i, s in backs:
+            gains[(i, s)] = (current - scorer.trial(i, s)) / (costs[i].params(s) - costs[i].params(states[i]))
+        i0, s0 = max(backs, key=lambda o: gains[o])
+        tried.add((i0, s0))
+        if gains[(i0, s0)] <= 0:
+            break
+        before = list(states)
+        trial, p = list(states), params + costs[i0].params(s0) - costs[i0].params(states[i0])
+        trial[i0] = s0
+        scorer.commit(i0, s0)
+        moves = [(i0, s0)]
+        while p > target:
+            options = [(i, s) for i in range(n) if i not in prot and i != i0
+                       for s in transitions(trial[i], ranks, actions)]
+            if not options:
+                break
+            fresh = [o for o in options if o not in stale]
+            todo = fresh + sorted((o for o in options if o in stale), key=lambda o: stale[o])[:6]
+            base = scorer.refresh()
+            for i, s in todo:
+                stale[(i, s)] = (scorer.trial(i, s) - base) / (costs[i].params(trial[i]) - costs[i].params(s))
+            i, s = min(todo, key=lambda o: stale[o])
+            p -= costs[i].params(trial[i]) - costs[i].params(s)
+            trial[i] = s
+            scorer.commit(i, s)
+            for key in [k for k in stale if k[0] == i]:
+                del stale[key]
+            moves.append((i, s))
+        loss = scorer.refresh()
+        if p <= target and loss < current:
+            log.info("search exchange: %s (calibration loss %.4f -> %.4f)", ", ".join(
+                f"layer {i} -> {s[0] if s[0] != 'child' else f'child rank {s[1]}'}" for i, s in moves), current, loss)
+            states, params, current = trial, p, loss
+            steps.append({"kind": "exchange", "moves": [[i, list(s)] for i, s in moves], "loss": loss,
+                          "params": params})
+        else:
+            for i in {i for i, _ in moves}:  # undone: the scorer back to the states before the round
+                scorer.commit(i, before[i])
+            scorer.refresh()
+    return states, params, current
 
 
 def _saved_state(states: list[tuple], stale: dict[tuple, float], steps: list[dict], params: int, current: float,
