@@ -1,10 +1,12 @@
 """ExecuTorch export of a folded model (XNNPACK delegate), each shared matrix stored once.
 
-The program is a causal LM **without a KV cache**: `input_ids` (batch 1, a **dynamic length** from 1 to
-`max_seq_len`, 256 by default) -> `logits` for every position, in fp32. Generating with it recomputes the prefix at
-each step. ExecuTorch plans activation memory for the largest length, so `max_seq_len` is also what the program
-reserves (the logits alone take max_seq_len x vocab x 4 bytes). The program also answers the constant methods
-`get_max_seq_len`, `get_vocab_size` and `foldgpt_int8`.
+The program is a causal LM **without a KV cache**: `input_ids` (batch 1) -> `logits` for every position, in fp32.
+By default the length is **fixed** (`seq_len`, 128): a shorter prompt is right-padded to it (with causal attention,
+tokens after position i do not change the logits at i) and the logits are read at its own positions. With
+`dynamic=True` the length may be anything from 1 to `seq_len` (lowering then takes about twice as long). Either way
+ExecuTorch plans activation memory for `seq_len` tokens (the logits alone take seq_len x vocab x 4 bytes), and
+generating recomputes the prefix at each step. The program also answers the constant methods `get_max_seq_len`,
+`enable_dynamic_shape`, `use_kv_cache` (False), `get_vocab_size` and `foldgpt_int8`.
 
 How the sharing survives: torch.export lifts each parameter once, so a parent's Linear that its folded children run
 by reference is one constant. The XNNPACK delegate stores the constants of the graph parts it takes in ExecuTorch's
@@ -53,7 +55,7 @@ EXPORT_MODULES = ["executorch"]
 INT8_MODULES = ["torchao"]
 RUN_MODULES = ["executorch", "psutil"]
 EXTRA = "executorch"
-DEFAULT_MAX_SEQ_LEN = 256
+DEFAULT_SEQ_LEN = 128
 
 
 class LogitsOnly(nn.Module):
@@ -99,7 +101,7 @@ def linear_form(model: nn.Module):
 
 
 def _partitioner():
-    """XNNPACK's partitioner, except that a constant read both inside and outside the delegated parts stays a
+    """XNNPACK's partitioner, except that a constant read both by a delegated op and by a non-delegated one stays a
     program constant (passed to the delegate at run time) instead of being copied into the delegate."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
@@ -109,7 +111,8 @@ def _partitioner():
             for node in res.tagged_exported_program.graph.nodes:
                 if node.op != "placeholder" or "delegation_tag" not in node.meta:
                     continue
-                if any(user.meta.get("delegation_tag") != node.meta["delegation_tag"] for user in node.users):
+                # read by a non-delegated op too (several delegates' copies are merged by the sha256 keys)
+                if any(user.meta.get("delegation_tag") is None for user in node.users):
                     log.debug("constant %s is read outside its delegate: kept as one program constant", node.name)
                     del node.meta["delegation_tag"]
             return res
@@ -127,10 +130,22 @@ def _quantize_int8(model: nn.Module) -> None:
     head = model.get_output_embeddings()
     if head is not None and emb is not None and head.weight is emb.weight:  # untie first: each is quantized for its op
         head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+    if emb is not None:  # padding_idx only masks gradients; without it the lookup matches the int8 kernel's pattern
+        emb.padding_idx = None
+    seen: set[int] = set()
+
+    def once(kind):  # quantize_ walks the module tree by name: a parent's Linear is reached again from each child
+        def keep(m, fqn):
+            if not isinstance(m, kind) or id(m) in seen:
+                return False
+            seen.add(id(m))
+            return True
+        return keep
+
     quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
-              filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+              filter_fn=once(nn.Linear))
     quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
-              filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+              filter_fn=once(nn.Embedding))
 
 
 def _quiet():
@@ -143,7 +158,7 @@ def _quiet():
     return stack
 
 
-def to_program(model: nn.Module, int8: bool = False, max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> bytes:
+def to_program(model: nn.Module, int8: bool = False, seq_len: int = DEFAULT_SEQ_LEN, dynamic: bool = False) -> bytes:
     """The .pte bytes of a causal LM module (folded or dense), lowered to XNNPACK (see the module docstring).
     With `int8`, `model` is quantized in place."""
     from executorch.backends.xnnpack.utils.configs import get_xnnpack_edge_compile_config
@@ -152,39 +167,43 @@ def to_program(model: nn.Module, int8: bool = False, max_seq_len: int = DEFAULT_
     model = model.eval()
     vocab = int(model.config.vocab_size)
     max_pos = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-    if max_seq_len < 2 or (max_pos and max_seq_len > max_pos):
-        raise FoldGPTError(f"max_seq_len {max_seq_len} must be between 2 and the model's {max_pos} positions")
-    example = torch.randint(0, vocab, (1, min(16, max_seq_len)), generator=torch.Generator().manual_seed(0))
+    if seq_len < 2 or (max_pos and seq_len > max_pos):
+        raise FoldGPTError(f"the ExecuTorch program's length {seq_len} must be between 2 and the model's {max_pos} "
+                           "positions; give another --seq-len")
+    example = torch.randint(0, vocab, (1, min(16, seq_len) if dynamic else seq_len),
+                            generator=torch.Generator().manual_seed(0))
     t = time.perf_counter()
     with _quiet(), torch.no_grad(), linear_form(model):
         if int8:
             _quantize_int8(model)
-        seq = torch.export.Dim("sequence", min=1, max=max_seq_len)
-        program = torch.export.export(LogitsOnly(model), (example,), dynamic_shapes={"input_ids": {1: seq}},
-                                      strict=False)
+        shapes = {"input_ids": {1: torch.export.Dim("sequence", min=1, max=seq_len)}} if dynamic else None
+        program = torch.export.export(LogitsOnly(model), (example,), dynamic_shapes=shapes, strict=False)
         t_export = time.perf_counter() - t
         edge = to_edge_transform_and_lower(program, partitioner=[_partitioner()],
                                            compile_config=get_xnnpack_edge_compile_config(),
-                                           constant_methods={"get_max_seq_len": max_seq_len,
-                                                             "get_vocab_size": vocab, "foldgpt_int8": bool(int8)})
+                                           constant_methods={"get_max_seq_len": seq_len,
+                                                             "enable_dynamic_shape": bool(dynamic),
+                                                             "use_kv_cache": False, "get_vocab_size": vocab,
+                                                             "foldgpt_int8": bool(int8)})
         del program
         et = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True,
                                                         do_quant_fusion_and_const_prop=bool(int8)))
         buffer = et.buffer
-    log.info("ExecuTorch program traced in %.1f s and lowered to XNNPACK in %.1f s (%s, up to %d tokens)", t_export,
-             time.perf_counter() - t - t_export, "int8" if int8 else "fp32", max_seq_len)
+    log.info("ExecuTorch program traced in %.1f s and lowered to XNNPACK in %.1f s (%s, %s %d tokens)", t_export,
+             time.perf_counter() - t - t_export, "int8" if int8 else "fp32", "up to" if dynamic else "",
+             seq_len)
     return buffer
 
 
 def model_to_executorch(model: nn.Module, out: str | Path, overwrite: bool = False, int8: bool = False,
-                        max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> Path:
+                        seq_len: int = DEFAULT_SEQ_LEN, dynamic: bool = False) -> Path:
     """Export any causal LM module (folded or dense) to the .pte file `out`, atomically. With `int8`, `model` is
     quantized in place (pass a copy to keep it)."""
     require(EXPORT_MODULES + (INT8_MODULES if int8 else []), "the ExecuTorch export", EXTRA)
     out = check_output_file(out, overwrite, ".pte")
     from ..fileio import staging_dir
 
-    buffer = to_program(model, int8, max_seq_len)
+    buffer = to_program(model, int8, seq_len, dynamic)
     with staging_dir(out.parent, f".{out.name}.tmp-") as tmp:
         (tmp / out.name).write_bytes(buffer)
         os.replace(tmp / out.name, out)
@@ -194,40 +213,64 @@ def model_to_executorch(model: nn.Module, out: str | Path, overwrite: bool = Fal
 
 
 def export_executorch(model_dir: str | Path, out: str | Path, overwrite: bool = False, int8: bool = False,
-                      max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> Path:
+                      seq_len: int = DEFAULT_SEQ_LEN, dynamic: bool = False) -> Path:
     """Export the folded model in `model_dir` to the ExecuTorch program `out` (.pte, XNNPACK delegate): a causal
-    LM without KV cache, input_ids of a dynamic length up to `max_seq_len` -> logits, each shared matrix stored
-    once; `int8`: torchao's 8da8w on the Linears and an int8 embedding. Written atomically."""
+    LM without KV cache, input_ids of `seq_len` tokens (any length up to it with `dynamic`) -> logits, each shared
+    matrix stored once; `int8`: torchao's 8da8w on the Linears and an int8 embedding. Written atomically."""
     require(EXPORT_MODULES + (INT8_MODULES if int8 else []), "the ExecuTorch export", EXTRA)
     check_output_file(out, overwrite, ".pte")
     from ..checkpoint.folded import load_folded
 
     model, _ = load_folded(model_dir)
-    return model_to_executorch(model, out, overwrite, int8, max_seq_len)
+    return model_to_executorch(model, out, overwrite, int8, seq_len, dynamic)
+
+
+def _load_quantized_kernels() -> None:
+    """Register ExecuTorch's quantized kernels (`embedding_byte` of int8 programs) with its runtime: the wheel ships
+    them as a separate library that the Python runtime does not load by itself."""
+    import ctypes
+
+    import executorch
+
+    lib = Path(executorch.__path__[0]) / "lib" / "libexecutorch_kernels_quantized.so"
+    if lib.exists():
+        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+
+
+def program_info(pte_path: str | Path) -> dict:
+    """What the program says about itself (its constant methods): seq_len, dynamic, vocab_size, int8."""
+    require(EXPORT_MODULES, "reading the ExecuTorch program", EXTRA)
+    with _quiet():
+        from executorch.runtime import Runtime
+
+        program = Runtime.get().load_program(str(pte_path))
+        names = program.method_names
+        value = {n: program.load_method(n).execute([])[0] for n in
+                 ("get_max_seq_len", "enable_dynamic_shape", "get_vocab_size", "foldgpt_int8") if n in names}
+    if "get_max_seq_len" not in value:
+        raise FoldGPTError(f"{pte_path} was not written by foldgpt export --executorch (no get_max_seq_len method)")
+    return {"seq_len": int(value["get_max_seq_len"]), "dynamic": bool(value.get("enable_dynamic_shape", False)),
+            "vocab_size": int(value.get("get_vocab_size", 0)), "int8": bool(value.get("foldgpt_int8", False))}
 
 
 _MEASURE = """
-import ctypes, json, os, sys, time, warnings
+import json, os, sys, time, warnings
 warnings.simplefilter("ignore")
 import numpy as np
 import psutil
 import torch
+from foldgpt.runtimes.executorch_export import _load_quantized_kernels
 path, windows_file, out_file, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 windows = torch.from_numpy(np.load(windows_file))
 proc = psutil.Process(os.getpid())
 from executorch.runtime import Runtime
-import executorch.runtime as rt_mod
-# ExecuTorch's quantized kernels (embedding_byte of int8 programs) are a separate library of the wheel
-lib = os.path.join(os.path.dirname(os.path.dirname(rt_mod.__file__)), "lib", "libexecutorch_kernels_quantized.so")
-if os.path.exists(lib):
-    ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
 from executorch.extension.pybindings import portable_lib
+_load_quantized_kernels()
 if threads:
     portable_lib._unsafe_reset_threadpool(threads)
-rss0 = proc.memory_info().rss
 runtime = Runtime.get()
-program = runtime.load_program(path)
-method = program.load_method("forward")
+rss0 = proc.memory_info().rss
+method = runtime.load_program(path).load_method("forward")
 def run(w):
     return method.execute([w[None].contiguous()])[0][0].clone()
 outs = [run(windows[0])]
@@ -236,18 +279,16 @@ t = time.perf_counter()
 outs += [run(w) for w in windows[1:]] + [run(windows[0])]
 elapsed = time.perf_counter() - t
 np.save(out_file, torch.stack(outs[: len(windows)]).numpy())
-meta = {name: program.load_method(name).execute([])[0] for name in ("get_max_seq_len", "foldgpt_int8")
-        if name in program.method_names}
-print(json.dumps({"rss_bytes": rss, "seconds": elapsed, "tokens": windows.numel() + windows.shape[1],
-                  "max_seq_len": int(meta.get("get_max_seq_len", 0)), "int8": bool(meta.get("foldgpt_int8", False))}))
+print(json.dumps({"rss_bytes": rss, "seconds": elapsed, "tokens": windows.numel() + windows.shape[1]}))
 """
 
 
 def measure_program(pte_path: str | Path, windows: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor,
                                                                                                    dict]:
     """Run the .pte in a fresh process (so that its resident memory is the program's alone): the logits of each
-    window (batch 1), the RSS growth from loading the program and running the first window, and tokens/s over the
-    other windows and the first one again (`threads`: ExecuTorch's thread pool size; default: its own)."""
+    window (batch 1, of the program's length), the RSS growth from loading the program and running the first
+    window, and tokens/s over the other windows and the first one again (`threads`: ExecuTorch's thread pool size;
+    default: its own)."""
     import subprocess
     import sys
     import tempfile
@@ -255,38 +296,41 @@ def measure_program(pte_path: str | Path, windows: torch.Tensor, threads: int | 
     import numpy as np
 
     require(RUN_MODULES, "running the ExecuTorch program", EXTRA)
+    src = str(Path(__file__).resolve().parents[2])  # this package's root, for the fresh process
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "windows.npy", windows.numpy())
         proc = subprocess.run([sys.executable, "-c", _MEASURE, str(pte_path), str(Path(tmp) / "windows.npy"),
-                               str(Path(tmp) / "logits.npy"), str(threads or 0)], capture_output=True, text=True)
+                               str(Path(tmp) / "logits.npy"), str(threads or 0)], capture_output=True, text=True,
+                              env=env)
         if proc.returncode != 0:
             raise FoldGPTError(f"the ExecuTorch runtime could not run {pte_path}: "
                                f"{proc.stderr.strip().splitlines()[-1:]}")
         stats = json.loads(proc.stdout.strip().splitlines()[-1])
         logits = torch.from_numpy(np.load(Path(tmp) / "logits.npy"))
-    return logits, {"rss_bytes": stats["rss_bytes"], "tokens_per_s": stats["tokens"] / stats["seconds"],
-                    "max_seq_len": stats["max_seq_len"], "int8": stats["int8"]}
+    return logits, {"rss_bytes": stats["rss_bytes"], "tokens_per_s": stats["tokens"] / stats["seconds"]}
 
 
-def _measure_against(model: nn.Module, pte: Path, windows: torch.Tensor, threads: int | None, unique: int) -> dict:
+def _measure_against(model: nn.Module, pte: Path, windows: torch.Tensor, threads: int | None, unique: int,
+                     int8: bool) -> dict:
     logits, stats = measure_program(pte, windows, threads)
     with torch.no_grad():
         ref = torch.cat([model(input_ids=windows[i : i + 1], use_cache=False).logits.float()
                          for i in range(len(windows))])
     return {"max_abs_diff": (logits - ref).abs().max().item(), "file_bytes": file_bytes(pte),
-            "unique_param_bytes": unique // 4 if stats["int8"] else unique, "unique_param_bytes_fp32": unique,
-            **stats}
+            "unique_param_bytes": unique // 4 if int8 else unique, "unique_param_bytes_fp32": unique, **stats}
 
 
-def check_executorch(model_dir: str | Path, pte_path: str | Path, n_windows: int = 4, seq_len: int = 64,
+def check_executorch(model_dir: str | Path, pte_path: str | Path, n_windows: int = 4, seq_len: int | None = None,
                      seed: int = 0, text: str | None = None, threads: int | None = None,
                      reference: nn.Module | None = None, dense: bool = False) -> dict:
     """Run the .pte with ExecuTorch's runtime and measure it against the model in `model_dir` (loaded with
     foldgpt.load, or `reference` when given): max-abs logit difference over `n_windows` windows of `seq_len`
-    tokens (from `text` when given, else seeded random ids), file size, the folder's unique-parameter bytes at the
-    file's precision (1 byte per parameter for an int8 program, 4 for fp32; `unique_param_bytes_fp32` too), and,
-    from a fresh process (`measure_program`), the resident memory (RSS growth from loading the program and running
-    the first window) and tokens/s (prompt processing: one full forward per window).
+    tokens (default: the program's length; from `text` when given, else seeded random ids), file size, the
+    folder's unique-parameter bytes at the file's precision (1 byte per parameter for an int8 program, 4 for fp32;
+    `unique_param_bytes_fp32` too), and, from a fresh process (`measure_program`), the resident memory (RSS growth
+    from loading the program and running the first window) and tokens/s (prompt processing: one full forward per
+    window).
 
     `dense=True` also exports the dense model (`to_dense` of the folded one, at the file's precision and length)
     the same way to a temporary file and adds its measurements under "dense"."""
@@ -294,15 +338,18 @@ def check_executorch(model_dir: str | Path, pte_path: str | Path, n_windows: int
     pte_path = Path(pte_path)
     if not pte_path.is_file():
         raise FoldGPTError(f"ExecuTorch program not found: {pte_path}")
+    info = program_info(pte_path)
+    seq_len = seq_len or info["seq_len"]
+    if seq_len > info["seq_len"] or (seq_len != info["seq_len"] and not info["dynamic"]):
+        raise FoldGPTError(f"windows of {seq_len} tokens do not fit the program ({'up to ' if info['dynamic'] else ''}"
+                           f"{info['seq_len']} tokens)")
     from ..api import load
 
     model, tok = (reference, None) if reference is not None else load(model_dir)
     ids = tok(text)["input_ids"] if (text and tok is not None) else None
     windows = token_windows(int(model.config.vocab_size), n_windows, seq_len, seed, ids)
-    res = {**_measure_against(model, pte_path, windows, threads, unique_param_bytes(model_dir)),
-           "windows": n_windows, "seq_len": seq_len}
-    if res["max_seq_len"] and seq_len > res["max_seq_len"]:
-        raise FoldGPTError(f"seq_len {seq_len} is above the program's {res['max_seq_len']} tokens")
+    res = {**_measure_against(model, pte_path, windows, threads, unique_param_bytes(model_dir), info["int8"]),
+           **info, "windows": n_windows, "window_len": seq_len}
     if dense:
         import tempfile
 
@@ -311,7 +358,7 @@ def check_executorch(model_dir: str | Path, pte_path: str | Path, n_windows: int
         dense_model = to_dense(model).eval()
         n_dense = sum(p.numel() for p in dense_model.parameters()) * 4  # parameters() lists a tied matrix once
         with tempfile.TemporaryDirectory() as tmp:
-            d = model_to_executorch(to_dense(model).eval(), Path(tmp) / "dense.pte", int8=res["int8"],
-                                    max_seq_len=res["max_seq_len"] or DEFAULT_MAX_SEQ_LEN)
-            res["dense"] = _measure_against(dense_model, d, windows, threads, n_dense)
+            d = model_to_executorch(to_dense(model).eval(), Path(tmp) / "dense.pte", int8=info["int8"],
+                                    seq_len=info["seq_len"], dynamic=info["dynamic"])
+            res["dense"] = _measure_against(dense_model, d, windows, threads, n_dense, info["int8"])
     return res
