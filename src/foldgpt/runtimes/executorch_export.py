@@ -51,8 +51,7 @@ from . import check_output_file, file_bytes, require, token_windows, unique_para
 
 log = logging.getLogger(__name__)
 
-EXPORT_MODULES = ["executorch"]
-INT8_MODULES = ["torchao"]
+EXPORT_MODULES = ["executorch", "torchao"]  # executorch's lowering imports torchao (also --int8's quantizer)
 RUN_MODULES = ["executorch", "psutil"]
 EXTRA = "executorch"
 DEFAULT_SEQ_LEN = 128
@@ -199,7 +198,7 @@ def model_to_executorch(model: nn.Module, out: str | Path, overwrite: bool = Fal
                         seq_len: int = DEFAULT_SEQ_LEN, dynamic: bool = False) -> Path:
     """Export any causal LM module (folded or dense) to the .pte file `out`, atomically. With `int8`, `model` is
     quantized in place (pass a copy to keep it)."""
-    require(EXPORT_MODULES + (INT8_MODULES if int8 else []), "the ExecuTorch export", EXTRA)
+    require(EXPORT_MODULES, "the ExecuTorch export", EXTRA)
     out = check_output_file(out, overwrite, ".pte")
     from ..fileio import staging_dir
 
@@ -217,7 +216,7 @@ def export_executorch(model_dir: str | Path, out: str | Path, overwrite: bool = 
     """Export the folded model in `model_dir` to the ExecuTorch program `out` (.pte, XNNPACK delegate): a causal
     LM without KV cache, input_ids of `seq_len` tokens (any length up to it with `dynamic`) -> logits, each shared
     matrix stored once; `int8`: torchao's 8da8w on the Linears and an int8 embedding. Written atomically."""
-    require(EXPORT_MODULES + (INT8_MODULES if int8 else []), "the ExecuTorch export", EXTRA)
+    require(EXPORT_MODULES, "the ExecuTorch export", EXTRA)
     check_output_file(out, overwrite, ".pte")
     from ..checkpoint.folded import load_folded
 
