@@ -100,3 +100,26 @@ def test_bad_executorch_input_is_one_line(folded, tmp_path, capsys):  # noqa: F8
         assert len(err) == 1 and err[0].startswith("foldgpt: error:"), (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.pte"]
     assert (tmp_path / "taken.pte").read_text() == "x"
+
+
+def test_int8_quantizes_each_shared_matrix_once(folded):  # noqa: F811
+    """--int8's quantization step (the lowering itself is exercised by bench/runtimes.py): a parent's Linear that its
+    children run by reference is quantized once and stays shared; the tied LM head gets its own int8 copy."""
+    pytest.importorskip("torchao", reason="torchao is not installed (pip install 'foldgpt[executorch]')")
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    from foldgpt.checkpoint.folded import load_folded
+    from foldgpt.checkpoint.modeling_foldgpt import SharedLinear
+    from foldgpt.runtimes.executorch_export import _quantize_int8
+
+    model, _ = load_folded(folded["llama"][0])
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        _quantize_int8(model)
+        out = model(input_ids=ids).logits
+    children = [m for m in model.modules() if isinstance(m, SharedLinear)]
+    assert children and all(isinstance(c.base.weight, IntxUnpackedToInt8Tensor) for c in children)
+    assert isinstance(model.get_input_embeddings().weight, IntxUnpackedToInt8Tensor)
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    assert (out - ref).abs().max().item() < 0.5
