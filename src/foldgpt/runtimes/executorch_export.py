@@ -185,21 +185,37 @@ def _quantize_int8(model: nn.Module) -> None:
               filter_fn=once(nn.Embedding))
 
 
+class _DropRootInfo(logging.Filter):
+    """ExecuTorch's lowering logs each constant it copies between delegated parts on the root logger, at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
 def _quiet():
-    """ExecuTorch's lowering warns about each deprecated pytree type and experimental API it touches."""
+    """Within the block: no Python warnings (ExecuTorch's lowering warns about each deprecated pytree type and
+    experimental API it touches), no INFO lines on the root logger, and no warnings from torchao's import (the CUDA
+    kernels it cannot load on a CPU machine)."""
     import warnings
 
     stack = contextlib.ExitStack()
     stack.enter_context(warnings.catch_warnings())
     warnings.simplefilter("ignore")
+    root, drop = logging.getLogger(), _DropRootInfo()
+    root.addFilter(drop)
+    stack.callback(root.removeFilter, drop)
+    torchao_log = logging.getLogger("torchao")
+    stack.callback(torchao_log.setLevel, torchao_log.level)
+    torchao_log.setLevel(logging.ERROR)
     return stack
 
 
 def to_program(model: nn.Module, int8: bool = False, seq_len: int = DEFAULT_SEQ_LEN, dynamic: bool = False) -> bytes:
     """The .pte bytes of a causal LM module (folded or dense), lowered to XNNPACK (see the module docstring).
     With `int8`, `model` is quantized in place."""
-    from executorch.backends.xnnpack.utils.configs import get_xnnpack_edge_compile_config
-    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    with _quiet():
+        from executorch.backends.xnnpack.utils.configs import get_xnnpack_edge_compile_config
+        from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
     model = model.eval()
     vocab = int(model.config.vocab_size)
