@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--work", default=None, help="folder for the exported files (default: a temporary one)")
     p.add_argument("--formats", default="onnx,gguf", help="comma-separated: onnx, gguf, executorch")
+    p.add_argument("--reuse", action="store_true", help="ExecuTorch: run the .pte files already in --work")
     p.add_argument("--out", help="write the table (markdown) here, and the rows as JSON beside it")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -98,22 +99,29 @@ def main() -> None:
             rows.append((f"folded GGUF {dtype} (dense, transformers load-back)",
                          {**res, "rss_bytes": None, "tokens_per_s": None}))
     if "executorch" in formats:
+        from foldgpt.checkpoint.export import to_dense
         from foldgpt.runtimes.executorch_export import check_executorch, model_to_executorch
 
         ekw = dict(n_windows=a.windows, text=kw["text"], threads=a.threads)
+        n_expanded = sum(p.numel() for p in to_dense(folded).parameters())  # a tied matrix counted once
+
+        def pte_of(name: str, make, int8: bool) -> Path:
+            """work/NAME-fp32|int8.pte, exported from make() (a fresh module: --int8 quantizes it in place), or
+            the existing file with --reuse."""
+            out = work / f"{name}-{'int8' if int8 else 'fp32'}.pte"
+            if a.reuse and out.is_file():
+                return out
+            return model_to_executorch(make(), out, overwrite=True, int8=int8, seq_len=a.seq_len)
+
         for int8 in (False, True):
             tag = "int8" if int8 else "fp32"
-            # --int8 quantizes the module it is given: a fresh copy, the loaded ones stay the fp32 references
-            src = foldgpt.load(folded_dir)[0] if int8 else folded
-            pte = model_to_executorch(src, work / f"folded-{tag}.pte", overwrite=True, int8=int8, seq_len=a.seq_len)
-            del src
-            res = check_executorch(folded_dir, pte, reference=folded, dense=True, **ekw)
-            expanded = res.pop("dense")
-            rows.append((f"folded ExecuTorch {tag}", res))
-            rows.append((f"folded expanded to dense (export --dense) ExecuTorch {tag}", expanded))
-            src = foldgpt.load(base_dir)[0] if int8 else base
-            pte = model_to_executorch(src, work / f"dense-{tag}.pte", overwrite=True, int8=int8, seq_len=a.seq_len)
-            del src
+            pte = pte_of("folded", lambda: foldgpt.load(folded_dir)[0], int8)
+            rows.append((f"folded ExecuTorch {tag}", check_executorch(folded_dir, pte, reference=folded, **ekw)))
+            pte = pte_of("expanded", lambda: to_dense(folded), int8)
+            res = check_executorch(folded_dir, pte, reference=folded, **ekw)  # the same function as the folded model
+            res["unique_param_bytes"] = n_expanded * (1 if int8 else 4)
+            rows.append((f"folded expanded to dense (export --dense) ExecuTorch {tag}", res))
+            pte = pte_of("dense", lambda: foldgpt.load(base_dir)[0], int8)
             rows.append((f"dense ExecuTorch {tag}", check_executorch(base_dir, pte, reference=base, **ekw)))
 
     unique = unique_param_bytes(folded_dir)

@@ -401,7 +401,11 @@ def check_executorch(model_dir: str | Path, pte_path: str | Path, n_windows: int
     from ..api import load
 
     model, tok = (reference, None) if reference is not None else load(model_dir)
-    ids = tok(text)["input_ids"] if (text and tok is not None) else None
+    if text and tok is None:
+        from ..models import load_tokenizer
+
+        tok = load_tokenizer(model_dir)
+    ids = tok(text)["input_ids"] if text else None
     windows = token_windows(int(model.config.vocab_size), n_windows, seq_len, seed, ids)
     res = {**_measure_against(model, pte_path, windows, threads, unique_param_bytes(model_dir), info["int8"]),
            **info, "windows": n_windows, "window_len": seq_len}
