@@ -15,7 +15,8 @@ ExecuTorch rows (`--formats executorch`): the folded model, the dense base and t
 architecture (what `export --dense` writes: the same function without the sharing), each as an XNNPACK program of
 `--seq-len` tokens in fp32 and int8 (foldgpt.runtimes.executorch_export), run by ExecuTorch's Python runtime in a
 fresh process (RSS: growth from loading the program and running the first window; thread pool: `--threads`).
-`unique MB` is the unique-parameter bytes of the source at the file's precision (4 or 1 byte per parameter).
+`unique MB` is the unique-parameter bytes of the source at the file's precision (4 or 1 byte per parameter);
+`perplexity` is next-token perplexity within the windows (ExecuTorch rows; the fp32 model's is in the torch rows).
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ def torch_row(model, windows, folder: Path) -> dict:
     with torch.no_grad():
         model(input_ids=windows[:1], use_cache=False)
         t = time.perf_counter()
-        for i in range(len(windows)):
-            model(input_ids=windows[i : i + 1], use_cache=False)
+        logits = [model(input_ids=windows[i : i + 1], use_cache=False).logits for i in range(len(windows))]
         elapsed = time.perf_counter() - t
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    return {"file_bytes": size, "max_abs_diff": 0.0, "rss_bytes": None, "tokens_per_s": windows.numel() / elapsed}
+    logits = torch.cat(logits)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    return {"file_bytes": size, "max_abs_diff": 0.0, "rss_bytes": None, "tokens_per_s": windows.numel() / elapsed,
+            "ppl": nll.exp().item()}
 
 
 def main() -> None:
@@ -128,8 +131,8 @@ def main() -> None:
     lines = [f"folded: `{folded_dir}` ({unique / 1e6:.1f} MB of unique fp32 parameters); dense base: `{a.base}` "
              f"({unique_param_bytes(base_dir) / 1e6:.1f} MB); {a.windows} windows of {a.seq_len} tokens"
              f"{' from ' + a.text if a.text else ' (random ids)'}, runtime threads: {a.threads or 'default'}",
-             "", "| format | file MB | unique MB | max-abs logit diff | RSS MB | tokens/s |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "", "| format | file MB | unique MB | max-abs logit diff | perplexity | RSS MB | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
 
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
@@ -138,7 +141,7 @@ def main() -> None:
         rss = None if r.get("rss_bytes") is None else r["rss_bytes"] / 1e6
         uniq = r["unique_param_bytes"] / 1e6 if "ExecuTorch" in name else None  # at the file's precision
         lines.append(f"| {name} | {r['file_bytes'] / 1e6:.1f} | {fmt(uniq, '.1f')} | {fmt(r['max_abs_diff'], '.2e')} "
-                     f"| {fmt(rss, '.0f')} | {fmt(r.get('tokens_per_s'), '.0f')} |")
+                     f"| {fmt(r.get('ppl'), '.2f')} | {fmt(rss, '.0f')} | {fmt(r.get('tokens_per_s'), '.0f')} |")
     table = "\n".join(lines)
     print(table)
     if a.out:

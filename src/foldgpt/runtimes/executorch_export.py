@@ -373,7 +373,15 @@ def _measure_against(model: nn.Module, pte: Path, windows: torch.Tensor, threads
         ref = torch.cat([model(input_ids=windows[i : i + 1], use_cache=False).logits.float()
                          for i in range(len(windows))])
     return {"max_abs_diff": (logits - ref).abs().max().item(), "file_bytes": file_bytes(pte),
-            "unique_param_bytes": unique // 4 if int8 else unique, "unique_param_bytes_fp32": unique, **stats}
+            "unique_param_bytes": unique // 4 if int8 else unique, "unique_param_bytes_fp32": unique,
+            "ppl": _perplexity(logits, windows), "ppl_reference": _perplexity(ref, windows), **stats}
+
+
+def _perplexity(logits: torch.Tensor, windows: torch.Tensor) -> float:
+    """Next-token perplexity within the windows (the measure that matters for int8, where max-abs logits mislead)."""
+    nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                      windows[:, 1:].reshape(-1))
+    return float(nll.exp())
 
 
 def check_executorch(model_dir: str | Path, pte_path: str | Path, n_windows: int = 4, seq_len: int | None = None,
@@ -383,7 +391,8 @@ def check_executorch(model_dir: str | Path, pte_path: str | Path, n_windows: int
     foldgpt.load, or `reference` when given): max-abs logit difference over `n_windows` windows of `seq_len`
     tokens (default: the program's length; from `text` when given, else seeded random ids), file size, the
     folder's unique-parameter bytes at the file's precision (1 byte per parameter for an int8 program, 4 for fp32;
-    `unique_param_bytes_fp32` too), and, from a fresh process (`measure_program`), the resident memory (RSS growth
+    `unique_param_bytes_fp32` too), the next-token perplexity within the windows of the program and of the model
+    (`ppl`, `ppl_reference`), and, from a fresh process (`measure_program`), the resident memory (RSS growth
     from loading the program and running the first window) and tokens/s (prompt processing: one full forward per
     window).
 
