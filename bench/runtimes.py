@@ -10,6 +10,13 @@ fresh process each (foldgpt.runtimes.onnx.measure_session): RSS is the growth fr
 the first window; tokens/s is prompt processing, one full forward of `--seq-len` tokens per window, batch 1, no KV
 cache. Logit differences are against the model the file was made from (the folded model, or the dense base for its
 rows). Torch's tokens/s is measured in this process with the same windows.
+
+ExecuTorch rows (`--formats executorch`): the folded model, the dense base and the folded model expanded to its base
+architecture (what `export --dense` writes: the same function without the sharing), each as an XNNPACK program of
+`--seq-len` tokens in fp32 and int8 (foldgpt.runtimes.executorch_export), run by ExecuTorch's Python runtime in a
+fresh process (RSS: growth from loading the program and running the first window; thread pool: `--threads`).
+`unique MB` is the unique-parameter bytes of the source at the file's precision (4 or 1 byte per parameter);
+`perplexity` is next-token perplexity within the windows (ExecuTorch rows; the fp32 model's is in the torch rows).
 """
 
 from __future__ import annotations
@@ -27,11 +34,13 @@ def torch_row(model, windows, folder: Path) -> dict:
     with torch.no_grad():
         model(input_ids=windows[:1], use_cache=False)
         t = time.perf_counter()
-        for i in range(len(windows)):
-            model(input_ids=windows[i : i + 1], use_cache=False)
+        logits = [model(input_ids=windows[i : i + 1], use_cache=False).logits for i in range(len(windows))]
         elapsed = time.perf_counter() - t
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    return {"file_bytes": size, "max_abs_diff": 0.0, "rss_bytes": None, "tokens_per_s": windows.numel() / elapsed}
+    logits = torch.cat(logits)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    return {"file_bytes": size, "max_abs_diff": 0.0, "rss_bytes": None, "tokens_per_s": windows.numel() / elapsed,
+            "ppl": nll.exp().item()}
 
 
 def main() -> None:
@@ -43,6 +52,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--work", default=None, help="folder for the exported files (default: a temporary one)")
+    p.add_argument("--formats", default="onnx,gguf", help="comma-separated: onnx, gguf, executorch")
+    p.add_argument("--reuse", action="store_true", help="ExecuTorch: run the .pte files already in --work")
     p.add_argument("--out", help="write the table (markdown) here, and the rows as JSON beside it")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -57,6 +68,9 @@ def main() -> None:
     from foldgpt.runtimes.gguf_export import check_gguf, export_gguf
     from foldgpt.runtimes.onnx import check_onnx, model_to_onnx, quantize_onnx
 
+    formats = set(a.formats.split(","))
+    if not formats <= {"onnx", "gguf", "executorch"}:
+        p.error(f"--formats: unknown {sorted(formats - {'onnx', 'gguf', 'executorch'})}")
     torch.set_num_threads(a.threads or torch.get_num_threads())
     work = Path(a.work or tempfile.mkdtemp(prefix="foldgpt-runtimes-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -70,35 +84,64 @@ def main() -> None:
     rows = [("folded safetensors (torch)", torch_row(folded, windows, folded_dir)),
             ("dense safetensors (torch)", torch_row(base, windows, base_dir))]
 
-    f32 = model_to_onnx(folded, work / "folded.onnx", overwrite=True)
-    rows.append(("folded ONNX fp32", check_onnx(folded_dir, f32, reference=folded, **kw)))
-    rows.append(("folded ONNX fp32, no prepacking", check_onnx(folded_dir, f32, reference=folded, prepack=False,
-                                                               **kw)))
-    q = quantize_onnx(f32, work / "folded-int8.onnx", overwrite=True)
-    rows.append(("folded ONNX int8", check_onnx(folded_dir, q, reference=folded, **kw)))
-    d32 = model_to_onnx(base, work / "dense.onnx", overwrite=True)
-    rows.append(("dense ONNX fp32", check_onnx(base_dir, d32, reference=base, **kw)))
-    dq = quantize_onnx(d32, work / "dense-int8.onnx", overwrite=True)
-    rows.append(("dense ONNX int8", check_onnx(base_dir, dq, reference=base, **kw)))
-    for dtype in ("f16", "f32"):
-        g = export_gguf(folded_dir, work / f"folded-{dtype}.gguf", overwrite=True, dtype=dtype)
-        res = check_gguf(folded_dir, g, n_windows=a.windows, seq_len=a.seq_len, text=kw["text"])
-        rows.append((f"folded GGUF {dtype} (dense, transformers load-back)",
-                     {**res, "rss_bytes": None, "tokens_per_s": None}))
+    if "onnx" in formats:
+        f32 = model_to_onnx(folded, work / "folded.onnx", overwrite=True)
+        rows.append(("folded ONNX fp32", check_onnx(folded_dir, f32, reference=folded, **kw)))
+        rows.append(("folded ONNX fp32, no prepacking", check_onnx(folded_dir, f32, reference=folded, prepack=False,
+                                                                   **kw)))
+        q = quantize_onnx(f32, work / "folded-int8.onnx", overwrite=True)
+        rows.append(("folded ONNX int8", check_onnx(folded_dir, q, reference=folded, **kw)))
+        d32 = model_to_onnx(base, work / "dense.onnx", overwrite=True)
+        rows.append(("dense ONNX fp32", check_onnx(base_dir, d32, reference=base, **kw)))
+        dq = quantize_onnx(d32, work / "dense-int8.onnx", overwrite=True)
+        rows.append(("dense ONNX int8", check_onnx(base_dir, dq, reference=base, **kw)))
+    if "gguf" in formats:
+        for dtype in ("f16", "f32"):
+            g = export_gguf(folded_dir, work / f"folded-{dtype}.gguf", overwrite=True, dtype=dtype)
+            res = check_gguf(folded_dir, g, n_windows=a.windows, seq_len=a.seq_len, text=kw["text"])
+            rows.append((f"folded GGUF {dtype} (dense, transformers load-back)",
+                         {**res, "rss_bytes": None, "tokens_per_s": None}))
+    if "executorch" in formats:
+        from foldgpt.checkpoint.export import to_dense
+        from foldgpt.runtimes.executorch_export import check_executorch, model_to_executorch
+
+        ekw = dict(n_windows=a.windows, text=kw["text"], threads=a.threads)
+        n_expanded = sum(p.numel() for p in to_dense(folded).parameters())  # a tied matrix counted once
+
+        def pte_of(name: str, make, int8: bool) -> Path:
+            """work/NAME-fp32|int8.pte, exported from make() (a fresh module: --int8 quantizes it in place), or
+            the existing file with --reuse."""
+            out = work / f"{name}-{'int8' if int8 else 'fp32'}.pte"
+            if a.reuse and out.is_file():
+                return out
+            return model_to_executorch(make(), out, overwrite=True, int8=int8, seq_len=a.seq_len)
+
+        for int8 in (False, True):
+            tag = "int8" if int8 else "fp32"
+            pte = pte_of("folded", lambda: foldgpt.load(folded_dir)[0], int8)
+            rows.append((f"folded ExecuTorch {tag}", check_executorch(folded_dir, pte, reference=folded, **ekw)))
+            pte = pte_of("expanded", lambda: to_dense(folded), int8)
+            res = check_executorch(folded_dir, pte, reference=folded, **ekw)  # the same function as the folded model
+            res["unique_param_bytes"] = n_expanded * (1 if int8 else 4)
+            rows.append((f"folded expanded to dense (export --dense) ExecuTorch {tag}", res))
+            pte = pte_of("dense", lambda: foldgpt.load(base_dir)[0], int8)
+            rows.append((f"dense ExecuTorch {tag}", check_executorch(base_dir, pte, reference=base, **ekw)))
 
     unique = unique_param_bytes(folded_dir)
     lines = [f"folded: `{folded_dir}` ({unique / 1e6:.1f} MB of unique fp32 parameters); dense base: `{a.base}` "
              f"({unique_param_bytes(base_dir) / 1e6:.1f} MB); {a.windows} windows of {a.seq_len} tokens"
-             f"{' from ' + a.text if a.text else ' (random ids)'}, onnxruntime threads: {a.threads or 'default'}",
-             "", "| format | file MB | max-abs logit diff | RSS MB | tokens/s |", "|---|---:|---:|---:|---:|"]
+             f"{' from ' + a.text if a.text else ' (random ids)'}, runtime threads: {a.threads or 'default'}",
+             "", "| format | file MB | unique MB | max-abs logit diff | perplexity | RSS MB | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
 
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
     for name, r in rows:
         rss = None if r.get("rss_bytes") is None else r["rss_bytes"] / 1e6
-        lines.append(f"| {name} | {r['file_bytes'] / 1e6:.1f} | {fmt(r['max_abs_diff'], '.2e')} | {fmt(rss, '.0f')} "
-                     f"| {fmt(r.get('tokens_per_s'), '.0f')} |")
+        uniq = r["unique_param_bytes"] / 1e6 if "ExecuTorch" in name else None  # at the file's precision
+        lines.append(f"| {name} | {r['file_bytes'] / 1e6:.1f} | {fmt(uniq, '.1f')} | {fmt(r['max_abs_diff'], '.2e')} "
+                     f"| {fmt(r.get('ppl'), '.2f')} | {fmt(rss, '.0f')} | {fmt(r.get('tokens_per_s'), '.0f')} |")
     table = "\n".join(lines)
     print(table)
     if a.out:

@@ -589,7 +589,7 @@ CASES = [
     ("export-not-folded", ["export", "{llama}", "--dense", "{out}"], "is not a foldgpt folder"),
     ("export-missing", ["export", "{tmp}/none", "--dense", "{out}"], "is not a folder"),
     ("export-truncated", ["export", "{folded_truncated}", "--dense", "{out}"], "truncated"),
-    ("export-no-format", ["export", "{folded}"], "one of the arguments --dense --onnx --gguf is required"),
+    ("export-no-format", ["export", "{folded}"], "one of the arguments --dense --onnx --gguf --executorch is required"),
     # ---- the command line itself
     ("no-command", [], "required: cmd"),
     ("unknown-command", ["shrink", "{llama}"], "invalid choice: 'shrink'"),

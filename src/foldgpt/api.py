@@ -210,10 +210,11 @@ def generate(path: str | Path, prompt: str, max_new_tokens: int = 64, sample: bo
 
 
 def export(path: str | Path, out: str | Path, fmt: str = "dense", overwrite: bool = False, int8: bool = False,
-           gguf_dtype: str = "f16") -> Path:
+           gguf_dtype: str = "f16", seq_len: int | None = None) -> Path:
     """Export the folded model in `path`: "dense" (a base-architecture folder), "onnx" (one file, each shared
-    matrix stored once; `int8`: onnxruntime's dynamic int8 on top) or "gguf" (dense, for llama.cpp). Mirrors
-    `foldgpt export`."""
+    matrix stored once; `int8`: onnxruntime's dynamic int8 on top), "gguf" (dense, for llama.cpp) or "executorch"
+    (a .pte for ExecuTorch's XNNPACK delegate, each shared matrix stored once, `seq_len` tokens; `int8`: torchao's
+    8da8w). Mirrors `foldgpt export`."""
     if fmt == "dense":
         from .checkpoint.export import export_dense
 
@@ -226,7 +227,11 @@ def export(path: str | Path, out: str | Path, fmt: str = "dense", overwrite: boo
         from .runtimes.gguf_export import export_gguf
 
         return export_gguf(path, out, overwrite, dtype=gguf_dtype)
-    raise FoldGPTError(f"unknown export format '{fmt}' (dense, onnx or gguf)")
+    if fmt == "executorch":
+        from .runtimes.executorch_export import DEFAULT_SEQ_LEN, export_executorch
+
+        return export_executorch(path, out, overwrite, int8=int8, seq_len=seq_len or DEFAULT_SEQ_LEN)
+    raise FoldGPTError(f"unknown export format '{fmt}' (dense, onnx, gguf or executorch)")
 
 
 def load(path: str | Path):

@@ -79,10 +79,13 @@ def _export(args) -> int:
     from .api import export
     from .errors import FoldGPTError
 
-    if args.int8 and not args.onnx:
-        raise FoldGPTError("--int8 applies to --onnx only; drop it or use --onnx")
-    fmt, out = next((f, getattr(args, f)) for f in ("dense", "onnx", "gguf") if getattr(args, f))
-    path = export(args.model_dir, out, fmt, overwrite=args.overwrite, int8=args.int8, gguf_dtype=args.gguf_dtype)
+    if args.int8 and not (args.onnx or args.executorch):
+        raise FoldGPTError("--int8 applies to --onnx and --executorch only; drop it or use one of them")
+    if args.seq_len is not None and not args.executorch:
+        raise FoldGPTError("--seq-len applies to --executorch only; drop it or use --executorch")
+    fmt, out = next((f, getattr(args, f)) for f in ("dense", "onnx", "gguf", "executorch") if getattr(args, f))
+    path = export(args.model_dir, out, fmt, overwrite=args.overwrite, int8=args.int8, gguf_dtype=args.gguf_dtype,
+                  seq_len=args.seq_len)
     print(f"wrote {path}")
     return 0
 

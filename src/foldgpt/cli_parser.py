@@ -129,13 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _bench_parser(sub)
 
-    x = sub.add_parser("export", help="export a folded model: a plain base-architecture checkpoint, ONNX or GGUF")
+    x = sub.add_parser("export", help="export a folded model: a plain base-architecture checkpoint, ONNX, GGUF or "
+                      "ExecuTorch")
     x.add_argument("model_dir")
     fmt = x.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--dense", metavar="OUT", help="output folder: a plain checkpoint of the base architecture")
     fmt.add_argument("--onnx", metavar="OUT.onnx", help="ONNX causal LM (no KV cache), each shared matrix stored once")
     fmt.add_argument("--gguf", metavar="OUT.gguf", help="dense GGUF for llama.cpp (Llama and Gemma-3 families)")
-    x.add_argument("--int8", action="store_true", help="with --onnx: onnxruntime's dynamic int8 quantization on top")
+    fmt.add_argument("--executorch", metavar="OUT.pte",
+                     help="ExecuTorch program (XNNPACK, no KV cache), each shared matrix stored once")
+    x.add_argument("--int8", action="store_true", help="with --onnx: onnxruntime's dynamic int8 quantization on top; "
+                   "with --executorch: torchao's int8 weights, activations quantized at run time")
+    x.add_argument("--seq-len", type=int, default=None,
+                   help="with --executorch: the program's input length in tokens (default: 128)")
     x.add_argument("--gguf-dtype", choices=("f16", "f32"), default="f16",
                    help="with --gguf: weight precision (default: f16; norms stay f32)")
     x.add_argument("--overwrite", action="store_true")

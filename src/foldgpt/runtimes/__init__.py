@@ -2,8 +2,10 @@
 
 onnx         an ONNX causal-LM graph in which each shared matrix is one initializer (onnxruntime runs it)
 gguf_export  a dense GGUF (llama.cpp's format) of the folded model expanded to its base architecture
+executorch_export  an ExecuTorch program (.pte, XNNPACK delegate) in which each shared matrix is stored once
 
-Each runtime's packages are optional (extras `foldgpt[onnx]`, `foldgpt[gguf]`): `require` turns a missing one
+Each runtime's packages are optional (extras `foldgpt[onnx]`, `foldgpt[gguf]`, `foldgpt[executorch]`): `require`
+turns a missing one
 into one clear line before anything is written."""
 
 from __future__ import annotations
