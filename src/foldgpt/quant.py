@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from .checkpoint.modeling_foldgpt import pack_int4, unpack_int4
+from .config import QUANT_LEVELS as LEVELS
 from .errors import FoldGPTError
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("none", "int8", "int4")
 INT4_GROUP = 32
 FORMAT = 1  # the layout of the stored tensors and of config.json's "quantization" record
 INSTALL = "pip install 'foldgpt[quant]'"
@@ -76,13 +76,15 @@ class TensorScheme:
         return {"bits": self.bits, "group_size": self.group_size}
 
 
-def scheme_for(level: str, shape: tuple[int, ...], embedding: bool) -> TensorScheme | None:
-    """How a 2-D weight of `shape` is quantized at `level` (None: kept in float)."""
+def scheme_for(level: str, shape: tuple[int, ...], embedding: bool, group_size: int = INT4_GROUP,
+               embedding_bits: int = 8) -> TensorScheme | None:
+    """How a 2-D weight of `shape` is quantized at `level` (None: kept in float). `group_size` and `embedding_bits`
+    (the int4 level's) are settings to measure other choices with (bench/quant_loss.py), not the product's."""
     if level == "none" or len(shape) != 2:
         return None
-    if level == "int8" or embedding:
+    if level == "int8" or (embedding and embedding_bits == 8):
         return TensorScheme(8, 0)
-    return TensorScheme(4, INT4_GROUP if shape[1] % INT4_GROUP == 0 else 0)
+    return TensorScheme(4, group_size if shape[1] % group_size == 0 else 0)
 
 
 def scheme_bytes(scheme: TensorScheme | None, shape: tuple[int, ...], float_bytes: int = 4) -> int:
@@ -156,7 +158,7 @@ def _set(entry: _Entry, value: nn.Parameter) -> None:
 
 
 @torch.no_grad()
-def quantize_model_(model: nn.Module, level: str) -> dict | None:
+def quantize_model_(model: nn.Module, level: str, group_size: int = INT4_GROUP, embedding_bits: int = 8) -> dict | None:
     """Quantize `model` in place at `level` (weights only); return the "quantization" record for config.json (None
     for "none"). Each unique Parameter is quantized once, and every module holding it gets the quantized one."""
     check_level(level)
@@ -166,13 +168,13 @@ def quantize_model_(model: nn.Module, level: str) -> dict | None:
         raise FoldGPTError("the model is quantized already; start from the unquantized one")
     tensors = {}
     for e in _entries(model):
-        scheme = scheme_for(level, tuple(e.param.shape), e.embedding)
+        scheme = scheme_for(level, tuple(e.param.shape), e.embedding, group_size, embedding_bits)
         if scheme is None:
             continue
         _set(e, _quantize_tensor(e.param, scheme))
         tensors[e.name] = {**scheme.to_dict(), "shape": list(e.param.shape)}
     record = {"format": FORMAT, "level": level, "library": "torchao", "library_version": _torchao_version(),
-              "int4_group_size": INT4_GROUP, "tensors": tensors}
+              "tensors": tensors}
     model.fold_quantization = record
     log.info("quantized %d matrices weight-only (%s)", len(tensors), level)
     return record
@@ -294,3 +296,61 @@ def resident_bytes(model: nn.Module) -> int:
                 seen.add(key)
                 total += t.untyped_storage().nbytes()
     return total
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors the weights file holds for `model` (each unique tensor once; quantized ones as stored),
+    without the file's header."""
+    if getattr(model, "fold_quantization", None):
+        return sum(t.nbytes for t in saved_state(model).values())
+    from .checkpoint.folded import dedup_state_dict
+
+    return sum(t.nbytes for t in dedup_state_dict(model).values())
+
+
+def refuse_quantized(path, fmt: str) -> None:
+    """Exports read the folder's float weights: a quantized folder is refused with one line."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(path) / "config.json"
+    try:
+        quantized = bool(json.loads(cfg.read_text()).get("quantization"))
+    except (OSError, ValueError, AttributeError):
+        return  # the export's own checks report what is wrong with the folder
+    if quantized:
+        raise FoldGPTError(f"{path} is weight-only quantized; export --{fmt} reads an unquantized folder: export the "
+                           "folder compress wrote without --quantize / --target-size")
+
+
+def quantize_folder(src: str, out, level: str, overwrite: bool = False):
+    """Quantize a model at `level` into the folder `out`: a folder foldgpt compress wrote (its plan and layout kept),
+    or a dense model (an alias, a folder; written as a folded checkpoint that keeps every layer). Returns `out`."""
+    from pathlib import Path
+
+    from .adapters import get_adapter
+    from .checkpoint.folded import base_config_dict, save_folded
+    from .config import CompressConfig
+    from .fileio import atomic_dir, check_output
+    from .methods import make_plan
+    from .models import load_model
+
+    check_level(level)
+    check_output(out, overwrite, inputs=[src])
+    model, tok = load_model(src)
+    adapter = get_adapter(model.config)
+    plan = getattr(model, "fold_plan", None)
+    if getattr(model, "fold_layout", None) is None:  # a dense model: the plan that keeps every layer
+        cfg = CompressConfig(target_params=None, remove_rate=0.0)
+        plan = make_plan(cfg, model, adapter, [], [], method="dense", compensation="")
+        base_config = base_config_dict(model, plan.num_layers, plan.layer_kinds)
+    else:
+        import json
+
+        base_config = json.loads((Path(src) / "config.json").read_text())["base_config"]
+        if plan is None:
+            raise FoldGPTError(f"{src}/config.json has no fold_plan; write the folder again with foldgpt compress")
+    quantize_model_(model, level)
+    with atomic_dir(out, overwrite) as tmp:
+        save_folded(model, tok, plan, tmp, base_config)
+    return Path(out)
