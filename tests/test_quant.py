@@ -198,12 +198,13 @@ def test_budget_below_the_embeddings_is_one_line_and_leaves_nothing(tmp_path, te
 
 
 def test_target_size_lands_under_the_budget(tmp_path, text_file, folded):
-    """The wide tiny Llama is 9.2 MB in fp32, 2.3 MB at int8 and 1.3 MB at int4: 1 MB needs int4 and folding;
-    2.5 MB fits the whole model at int8 (nothing folded, no cure)."""
+    """The wide tiny Llama is 9.2 MB in fp32, 2.3 MB at int8 and 1.3 MB at int4: 1 MB needs int4 and folding; 1.8 MB
+    fits the whole model at int4 with int8 for some matrices in the spare bytes; 2.5 MB fits it at int8 (nothing
+    folded, no cure)."""
     from foldgpt.size import parse_size
 
     base = folded["llama"] / "base"
-    for size, level, whole in (("1MB", "int4", False), ("2.5MB", "int8", True)):
+    for size, level, whole in (("1MB", "int4", False), ("1.8MB", "int4", True), ("2.5MB", "int8", True)):
         cfg = fast_config(target_params=None, target_size=size)
         res = foldgpt.compress(str(base), [str(text_file)], tmp_path / size, cfg)
         weights = os.path.getsize(tmp_path / size / "model.safetensors")
@@ -213,6 +214,10 @@ def test_target_size_lands_under_the_budget(tmp_path, text_file, folded):
         assert res.plan.provenance["target_size"]["level"] == level
         assert (res.summary["params_ratio"] == 1.0) == whole and (not res.plan.groups and not res.plan.removed) == whole
         assert "weights on disk (MB)" in res.table
+        upgraded = res.summary["quantization"].get("int8_matrices", [])
+        assert bool(upgraded) == (size == "1.8MB")
+        bits = json.loads((tmp_path / size / "config.json").read_text())["quantization"]["tensors"]
+        assert all(bits[n]["bits"] == 8 for n in upgraded)
         model, _ = foldgpt.load(tmp_path / size)
         assert torch.isfinite(_logits(model)).all()
 

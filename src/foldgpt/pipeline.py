@@ -225,11 +225,9 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None,
     with timer.stage("Measuring", 5, 6):
         quantized = None
         if cfg.quantize != "none":  # weight-only, after the cure (quant.py); measured below as quantized
-            from .quant import quantize_model_, state_bytes
+            from .size import quantize_result
 
-            quantized = {"level": cfg.quantize, "calib_loss_before": calibration_loss(student, held),
-                         "dense_bytes": state_bytes(s.dense)}
-            quantize_model_(student, cfg.quantize)
+            quantized = quantize_result(s, student, held, cfg.quantize, size_choice)
         summary = summary_dict(s, student, the_plan, loss_before_cure, cure_info, cfg, budget, do_cure)
     if quantized is not None:
         summary["quantization"] = quantized

@@ -2,11 +2,11 @@
 
 Levels (LEVELS):
 - "int8": every matrix int8 with one fp32 scale per output row (torchao's Int8WeightOnlyConfig, `Int8Tensor`).
-- "int4": matrices int4, symmetric, one bf16 scale per group of INT4_GROUP inputs (torchao's IntxWeightOnlyConfig
-  with weight_dtype=torch.int4; torchao 0.18's Int4WeightOnlyConfig has no CPU path: its packing formats need mslk
-  on CUDA, tinygemm on CUDA or an XPU/NPU). A matrix whose input size is not a multiple of the group takes one scale
-  per row. The token embedding (and with it a tied LM head) stays int8 per row at this level (docs/size.md: int4
-  there costs more loss than the bytes it saves are worth).
+- "int4": matrices int4, symmetric, one bf16 scale per group of INT4_GROUP inputs, the scales chosen by HQQ
+  (torchao's IntxWeightOnlyConfig, weight_dtype=torch.int4, HQQ_SCALE_ONLY; torchao 0.18's Int4WeightOnlyConfig has
+  no CPU path: its packing formats need mslk or tinygemm on CUDA, or an XPU/NPU). A matrix whose input size is not a
+  multiple of the group takes one scale per row. The token embedding (and with it a tied LM head) stays int8 per
+  row at this level (docs/size.md: int4 there costs more loss than the bytes it saves are worth).
 Norms, biases, gates and alpha scalars stay fp32. A folded child's low-rank factors (B A) are matrices like any
 other and are quantized at the level too (they are a fifth of a 60% SmolLM2's unique parameters).
 
@@ -142,7 +142,8 @@ def _quantize_tensor(w: torch.Tensor, scheme: TensorScheme) -> nn.Parameter:
     else:
         granularity = tq.PerGroup(scheme.group_size) if scheme.group_size else tq.PerAxis(0)
         config = tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=granularity,
-                                         mapping_type=tq.MappingType.SYMMETRIC, scale_dtype=torch.bfloat16)
+                                         mapping_type=tq.MappingType.SYMMETRIC, scale_dtype=torch.bfloat16,
+                                         intx_choose_qparams_algorithm="hqq_scale_only")
     shell = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
     shell.weight = nn.Parameter(w.detach().float(), requires_grad=False)
     tq.quantize_(shell, config)
@@ -158,9 +159,11 @@ def _set(entry: _Entry, value: nn.Parameter) -> None:
 
 
 @torch.no_grad()
-def quantize_model_(model: nn.Module, level: str, group_size: int = INT4_GROUP, embedding_bits: int = 8) -> dict | None:
+def quantize_model_(model: nn.Module, level: str, group_size: int = INT4_GROUP, embedding_bits: int = 8,
+                    int8_names: set[str] | None = None) -> dict | None:
     """Quantize `model` in place at `level` (weights only); return the "quantization" record for config.json (None
-    for "none"). Each unique Parameter is quantized once, and every module holding it gets the quantized one."""
+    for "none"). Each unique Parameter is quantized once, and every module holding it gets the quantized one.
+    `int8_names`: matrices (state-dict names) kept at int8 at the int4 level (size.int8_upgrades)."""
     check_level(level)
     if level == "none":
         return None
@@ -168,7 +171,8 @@ def quantize_model_(model: nn.Module, level: str, group_size: int = INT4_GROUP, 
         raise FoldGPTError("the model is quantized already; start from the unquantized one")
     tensors = {}
     for e in _entries(model):
-        scheme = scheme_for(level, tuple(e.param.shape), e.embedding, group_size, embedding_bits)
+        scheme = scheme_for("int8" if int8_names and e.name in int8_names else level, tuple(e.param.shape),
+                            e.embedding, group_size, embedding_bits)
         if scheme is None:
             continue
         _set(e, _quantize_tensor(e.param, scheme))

@@ -63,10 +63,11 @@ class SizeChoice:
     level: str
     target_params: float | None
     levels: list[LevelFit] = field(default_factory=list)
+    spare_bytes: int = 0  # the whole model fits at int4 with this much left: int8 for the most sensitive matrices
 
     def to_dict(self) -> dict:
         return {"budget_bytes": self.budget, "level": self.level, "target_params": self.target_params,
-                "levels": [asdict(f) for f in self.levels]}
+                "spare_bytes": self.spare_bytes, "levels": [asdict(f) for f in self.levels]}
 
 
 @dataclass
@@ -150,7 +151,8 @@ def choose(model, adapter, budget: int, levels: tuple[str, ...] = ("none", "int8
     fits = [level_fit(t, level, budget) for level in levels]
     whole = [f for f in fits if f.max_fraction >= 1.0]
     if whole:
-        choice = SizeChoice(budget, whole[0].level, None, fits)
+        spare = budget - whole[0].dense_bytes if whole[0].level == "int4" else 0
+        choice = SizeChoice(budget, whole[0].level, None, fits, spare)
     else:
         cheapest = fits[-1]
         if not cheapest.feasible:
@@ -207,4 +209,62 @@ def size_summary(folder, model, budget: int | None) -> dict:
         if weights > budget:
             log.warning("the weights file (%s) is over the --target-size budget (%s)", fmt_bytes(weights),
                         fmt_bytes(budget))
+    return out
+
+
+def int8_upgrades(model, held, spare: int) -> tuple[set[str], dict]:
+    """Which matrices to keep at int8 in an int4 model with `spare` bytes left under the budget: each kind of matrix
+    (q_proj, ..., down_proj, the LM head; every layer's together) is quantized to int4 alone and the calibration loss
+    rise measured on `held`; kinds are taken by rise per byte that int8 costs over int4, each kind's matrices in layer
+    order, while they fit. Returns (the names, {kind: measured rise})."""
+    import re
+
+    from .pipeline import calibration_loss
+    from .quant import _entries, _quantize_tensor, _set, scheme_bytes, scheme_for
+
+    entries = [e for e in _entries(model) if not e.embedding]
+    kinds: dict[str, list] = {}
+    for e in entries:
+        kinds.setdefault(re.sub(r"\.\d+\.", ".", e.name), []).append(e)
+    base = calibration_loss(model, held)
+    rises, costs = {}, {}
+    for kind, group in kinds.items():
+        originals = [e.param for e in group]
+        for e in group:
+            _set(e, _quantize_tensor(e.param, scheme_for("int4", tuple(e.param.shape), False)))
+        rises[kind] = calibration_loss(model, held) - base
+        for e, p in zip(group, originals):
+            _set(e, p)
+            e.param = p
+        costs[kind] = sum(scheme_bytes(scheme_for("int8", tuple(e.param.shape), False), tuple(e.param.shape))
+                          - scheme_bytes(scheme_for("int4", tuple(e.param.shape), False), tuple(e.param.shape))
+                          for e in group)
+    chosen: set[str] = set()
+    for kind in sorted(kinds, key=lambda k: -rises[k] / max(costs[k], 1)):
+        for e in kinds[kind]:
+            shape = tuple(e.param.shape)
+            cost = (scheme_bytes(scheme_for("int8", shape, False), shape)
+                    - scheme_bytes(scheme_for("int4", shape, False), shape))
+            if cost <= spare:
+                chosen.add(e.name)
+                spare -= cost
+    log.info("target size: int8 for %d of %d int4 matrices in the spare bytes (int4 loss rise by kind: %s)",
+             len(chosen), len(entries), ", ".join(f"{k} {v:+.3f}" for k, v in sorted(rises.items(), key=lambda kv:
+                                                                                     -kv[1])))
+    return chosen, {k: round(v, 5) for k, v in rises.items()}
+
+
+def quantize_result(session, student, held, level: str, choice: SizeChoice | None) -> dict:
+    """Quantize the compressed model at `level` in place, after the cure (with --target-size's spare bytes spent on
+    int8 for the matrices that lose most at int4); return what the summary records of it."""
+    from .pipeline import calibration_loss
+    from .quant import quantize_model_, state_bytes
+
+    out = {"level": level, "calib_loss_before": calibration_loss(student, held),
+           "dense_bytes": state_bytes(session.dense)}
+    names = None
+    if choice is not None and choice.spare_bytes > 0 and level == "int4":
+        names, rises = int8_upgrades(student, held, choice.spare_bytes)
+        out.update(int8_matrices=sorted(names), int4_rise_by_kind=rises)
+    quantize_model_(student, level, int8_names=names)
     return out
