@@ -71,9 +71,6 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="folder for quant_loss.json and quant_loss.md")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
     args = ap.parse_args()
-    from foldgpt.quant import quiet_torchao
-
-    quiet_torchao()
     from foldgpt.adapters import get_adapter
     from foldgpt.data import load_text, mixed_calibration, needs_bos, tokenize
     from foldgpt.models import load_model

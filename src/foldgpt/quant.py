@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checkpoint.auto import quiet_torchao
 from .checkpoint.modeling_foldgpt import pack_int4, unpack_int4
 from .config import QUANT_LEVELS as LEVELS
 from .errors import FoldGPTError
@@ -39,15 +40,6 @@ log = logging.getLogger(__name__)
 INT4_GROUP = 32
 FORMAT = 1  # the layout of the stored tensors and of config.json's "quantization" record
 INSTALL = "pip install 'foldgpt[quant]'"
-# loggers that print at torchao's import: its CUDA-only extension libraries failing to load on a CPU machine, and
-# torch's notice about the enums it registers; neither concerns a CPU run
-NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
-
-
-def quiet_torchao() -> None:
-    """Silence the warnings torchao prints when it is imported (transformers imports it too, whenever installed)."""
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _torchao():
