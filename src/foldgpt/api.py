@@ -182,6 +182,7 @@ def info(path: str | Path) -> dict:
         "groups": plan.get("groups", []),
         "child_gates": summary.get("child_gates") or plan.get("child_gates") or None,
         "adapter_rank": layout.get("adapter_rank", 0),
+        "quantization": (config.get("quantization") or {}).get("level"),  # weight-only (quant.py), None: float
         "base_params": summary.get("base_params"),
         "unique_params": summary.get("unique_params"),
         "flops_ratio": summary.get("flops_ratio"),
