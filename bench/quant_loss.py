@@ -25,14 +25,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 CALIB = ["emma", "mansfieldpark", "sensesensibility", "northangerabbey", "persuasion"]
-# name -> (level, group size, embedding bits)
+# name -> (level, group size, embedding bits, HQQ scales)
 VARIANTS = {
-    "none": ("none", 32, 8),
-    "int8": ("int8", 32, 8),
-    "int4": ("int4", 32, 8),
-    "int4, groups of 64": ("int4", 64, 8),
-    "int4, groups of 128": ("int4", 128, 8),
-    "int4, int4 embedding too": ("int4", 32, 4),
+    "none": ("none", 32, 8, True),
+    "int8": ("int8", 32, 8, True),
+    "int4": ("int4", 32, 8, True),
+    "int4, absmax scales (no HQQ)": ("int4", 32, 8, False),
+    "int4, groups of 16": ("int4", 16, 8, True),
+    "int4, groups of 64": ("int4", 64, 8, True),
+    "int4, int4 embedding too": ("int4", 32, 4, True),
 }
 
 
@@ -54,15 +55,17 @@ def weights_bytes(model) -> int:
 
 
 def measure(model, tok, bos: bool, held, eval_ids) -> dict:
+    """Calibration loss, and held-out perplexity unless `eval_ids` is None."""
     from foldgpt.config import EvalConfig
     from foldgpt.evaluation.evaluate import evaluate_model
     from foldgpt.pipeline import calibration_loss
 
     t = time.perf_counter()
-    calib = calibration_loss(model, held)
-    ev = evaluate_model(model, tok, bos, {"pp": eval_ids}, EvalConfig(seq_len=512, max_tokens=16384), None)
-    return {"calib_loss": calib, "perplexity": ev.perplexity["pp"].perplexity, "nll": ev.perplexity["pp"].nll,
-            "seconds": round(time.perf_counter() - t, 1)}
+    out = {"calib_loss": calibration_loss(model, held)}
+    if eval_ids is not None:
+        ev = evaluate_model(model, tok, bos, {"pp": eval_ids}, EvalConfig(seq_len=512, max_tokens=16384), None)
+        out.update(perplexity=ev.perplexity["pp"].perplexity, nll=ev.perplexity["pp"].nll)
+    return {**out, "seconds": round(time.perf_counter() - t, 1)}
 
 
 def main() -> None:
@@ -70,6 +73,7 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--out", required=True, help="folder for quant_loss.json and quant_loss.md")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
+    ap.add_argument("--no-ppl", action="store_true", help="calibration loss only (bench/pareto.py has perplexities)")
     args = ap.parse_args()
     from foldgpt.adapters import get_adapter
     from foldgpt.data import load_text, mixed_calibration, needs_bos, tokenize
@@ -81,15 +85,16 @@ def main() -> None:
     bos = needs_bos(tok, get_adapter(model.config).needs_bos)
     ids = tokenize(tok, load_text([str(data_dir() / f"austen_{n}.txt") for n in CALIB]).text)
     held = mixed_calibration(ids, None, 512, 256, 0, 0.0, tok.bos_token_id if bos else None)[:16]
-    eval_ids = tokenize(tok, load_text([str(data_dir() / "austen_prideprejudice.txt")], split="test").text)
+    eval_ids = None if args.no_ppl else tokenize(
+        tok, load_text([str(data_dir() / "austen_prideprejudice.txt")], split="test").text)
     rows = []
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        level, group, emb_bits = VARIANTS[name]
+        level, group, emb_bits, hqq = VARIANTS[name]
         m, _ = load_model(args.model)
         if level != "none":
-            quantize_model_(m, level, group_size=group, embedding_bits=emb_bits)
+            quantize_model_(m, level, group_size=group, embedding_bits=emb_bits, hqq=hqq)
         row = {"variant": name, "level": level, "group_size": group, "embedding_bits": emb_bits if level != "none"
-               else 32, "weights_bytes": weights_bytes(m), "resident_bytes": resident_bytes(m),
+               else 32, "hqq": hqq, "weights_bytes": weights_bytes(m), "resident_bytes": resident_bytes(m),
                **measure(m, tok, bos, held, eval_ids)}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -105,8 +110,9 @@ def main() -> None:
         rise = r["calib_loss"] - base["calib_loss"] if base else float("nan")
         saved = (base["weights_bytes"] - r["weights_bytes"]) / 1e6 if base else 0
         per = f"{rise / saved:.5f}" if base and saved > 0 else "-"
+        ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "-"
         lines.append(f"| {r['variant']} | {r['weights_bytes'] / 1e6:.1f} | {r['resident_bytes'] / 1e6:.1f} | "
-                     f"{r['calib_loss']:.4f} | {rise:+.4f} | {r['perplexity']:.2f} | {per} |")
+                     f"{r['calib_loss']:.4f} | {rise:+.4f} | {ppl} | {per} |")
     (out / "quant_loss.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

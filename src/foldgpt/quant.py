@@ -126,8 +126,9 @@ def _entries(model: nn.Module) -> list[_Entry]:
     return list(by_id.values())
 
 
-def _quantize_tensor(w: torch.Tensor, scheme: TensorScheme) -> nn.Parameter:
-    """torchao's weight-only quantization of one matrix, through its public configs on a bare Linear shell."""
+def _quantize_tensor(w: torch.Tensor, scheme: TensorScheme, hqq: bool = True) -> nn.Parameter:
+    """torchao's weight-only quantization of one matrix, through its public configs on a bare Linear shell (`hqq`:
+    int4 scales chosen by HQQ, else from each group's largest magnitude)."""
     tq = _torchao()
     if scheme.bits == 8:
         config = tq.Int8WeightOnlyConfig(granularity=tq.PerRow(), set_inductor_config=False)
@@ -135,7 +136,7 @@ def _quantize_tensor(w: torch.Tensor, scheme: TensorScheme) -> nn.Parameter:
         granularity = tq.PerGroup(scheme.group_size) if scheme.group_size else tq.PerAxis(0)
         config = tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=granularity,
                                          mapping_type=tq.MappingType.SYMMETRIC, scale_dtype=torch.bfloat16,
-                                         intx_choose_qparams_algorithm="hqq_scale_only")
+                                         intx_choose_qparams_algorithm="hqq_scale_only" if hqq else "affine")
     shell = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
     shell.weight = nn.Parameter(w.detach().float(), requires_grad=False)
     tq.quantize_(shell, config)
@@ -152,10 +153,11 @@ def _set(entry: _Entry, value: nn.Parameter) -> None:
 
 @torch.no_grad()
 def quantize_model_(model: nn.Module, level: str, group_size: int = INT4_GROUP, embedding_bits: int = 8,
-                    int8_names: set[str] | None = None) -> dict | None:
+                    int8_names: set[str] | None = None, hqq: bool = True) -> dict | None:
     """Quantize `model` in place at `level` (weights only); return the "quantization" record for config.json (None
     for "none"). Each unique Parameter is quantized once, and every module holding it gets the quantized one.
-    `int8_names`: matrices (state-dict names) kept at int8 at the int4 level (size.int8_upgrades)."""
+    `int8_names`: matrices (state-dict names) kept at int8 at the int4 level (size.int8_upgrades). `group_size`,
+    `embedding_bits` and `hqq` other than their defaults are for measuring other choices (bench/quant_loss.py)."""
     check_level(level)
     if level == "none":
         return None
@@ -167,7 +169,7 @@ def quantize_model_(model: nn.Module, level: str, group_size: int = INT4_GROUP, 
                             e.embedding, group_size, embedding_bits)
         if scheme is None:
             continue
-        _set(e, _quantize_tensor(e.param, scheme))
+        _set(e, _quantize_tensor(e.param, scheme, hqq))
         tensors[e.name] = {**scheme.to_dict(), "shape": list(e.param.shape)}
     record = {"format": FORMAT, "level": level, "library": "torchao", "library_version": _torchao_version(),
               "tensors": tensors}
