@@ -90,10 +90,9 @@ def make_point(name: str, work: Path) -> dict:
     t = time.perf_counter()
     row: dict = {"name": name, "family": family(name), "quant": "none"}
     if how[0] == "dense":
-        sys.path.insert(0, str(ROOT / "src"))
-        from foldgpt.models import resolve
-
-        folder = Path(resolve(MODEL))
+        folder = Path(subprocess.run([sys.executable, "-c", "from foldgpt.models import resolve; "
+                                      f"print(resolve({MODEL!r}))"], check=True, env=env(), capture_output=True,
+                                     text=True).stdout.strip().splitlines()[-1])
         row["command"] = "(the base model)"
         source = MODEL
     elif how[0] == "compress":
@@ -115,15 +114,13 @@ def make_point(name: str, work: Path) -> dict:
         source = str(folder)
     else:
         _, src, level = how
-        sys.path.insert(0, str(ROOT / "src"))
-        os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        from foldgpt.quant import quantize_folder
-
         source_folder = MODEL if src == "dense" else str(work / src)
         if src != "dense" and not (work / src / "summary.json").exists():
             raise SystemExit(f"{name} quantizes {src}'s folder, which is not in {work}: make {src} first")
         folder = work / name.replace(" ", "_")
-        quantize_folder(source_folder, folder, level, overwrite=True)
+        run([sys.executable, "-c", "import sys; from foldgpt.quant import quantize_folder; "
+             "quantize_folder(sys.argv[1], sys.argv[2], sys.argv[3], overwrite=True)", source_folder, str(folder),
+             level])
         row.update(quant=level, command=f"foldgpt.quant.quantize_folder({src!r} folder, OUT, {level!r})")
         source = str(folder)
     ev = evaluate(source)
