@@ -27,6 +27,7 @@ UNITS = {"B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 _SIZE = re.compile(r"(\d+(?:\.\d+)?) ?([A-Za-z]+)")
 HEADER_BYTES_PER_TENSOR = 160  # safetensors' JSON header: a name, a dtype, a shape and two offsets per tensor
+MIN_SPARE = 64 * 1024  # below this, no int8 upgrades (not worth measuring the kinds of matrices)
 
 
 def parse_size(text: str, option: str = "--target-size") -> int:
@@ -63,7 +64,7 @@ class SizeChoice:
     level: str
     target_params: float | None
     levels: list[LevelFit] = field(default_factory=list)
-    spare_bytes: int = 0  # the whole model fits at int4 with this much left: int8 for the most sensitive matrices
+    spare_bytes: int = 0  # the whole model fits at int4 with this much left (a folded one: see quantize_result)
 
     def to_dict(self) -> dict:
         return {"budget_bytes": self.budget, "level": self.level, "target_params": self.target_params,
@@ -212,6 +213,23 @@ def size_summary(folder, model, budget: int | None) -> dict:
     return out
 
 
+def predicted_bytes(model, level: str) -> int:
+    """An upper bound of the weights file of `model` at `level`: every unique tensor at its scheme's bytes, and the
+    header at HEADER_BYTES_PER_TENSOR per stored tensor."""
+    from .quant import _entries, scheme_bytes, scheme_for
+
+    schemes = {id(e.param): scheme_for(level, tuple(e.param.shape), e.embedding) for e in _entries(model)}
+    seen, total, stored = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        scheme = schemes.get(id(p))
+        total += scheme_bytes(scheme, tuple(p.shape)) if scheme is not None else p.numel() * p.element_size()
+        stored += 2 if scheme is not None else 1
+    return total + HEADER_BYTES_PER_TENSOR * stored
+
+
 def int8_upgrades(model, held, spare: int) -> tuple[set[str], dict]:
     """Which matrices to keep at int8 in an int4 model with `spare` bytes left under the budget: each kind of matrix
     (q_proj, ..., down_proj, the LM head; every layer's together) is quantized to int4 alone and the calibration loss
@@ -263,8 +281,11 @@ def quantize_result(session, student, held, level: str, choice: SizeChoice | Non
     out = {"level": level, "calib_loss_before": calibration_loss(student, held),
            "dense_bytes": state_bytes(session.dense)}
     names = None
-    if choice is not None and choice.spare_bytes > 0 and level == "int4":
-        names, rises = int8_upgrades(student, held, choice.spare_bytes)
-        out.update(int8_matrices=sorted(names), int4_rise_by_kind=rises)
+    # what is left under the budget once the model is at int4: the whole model's spare bytes, or a folded one's
+    # (its parameter target is bounded from above: the plan lands a little under it)
+    spare = 0 if choice is None or level != "int4" else choice.budget - predicted_bytes(student, level)
+    if spare >= MIN_SPARE:
+        names, rises = int8_upgrades(student, held, spare)
+        out.update(spare_bytes=spare, int8_matrices=sorted(names), int4_rise_by_kind=rises)
     quantize_model_(student, level, int8_names=names)
     return out
