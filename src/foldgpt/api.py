@@ -103,6 +103,10 @@ def compress(model: str, text: list[str] | str | None, out: str | Path, config: 
     with state.kept() if state is not None else nullcontext(), atomic_dir(out, overwrite) as tmp:
         summary["seconds"]["Saving"] = 0.0
         write_outputs(tmp, run, session.tokenizer, session.analysis, model)
+        if cfg.target_size is not None or cfg.quantize != "none":  # bytes on disk and in memory (size.py)
+            from .size import parse_size, size_summary
+
+            summary["size"] = size_summary(tmp, run.student, cfg.target_size and parse_size(cfg.target_size))
         summary["seconds"]["Saving"] = round(time.perf_counter() - t, 2)
         write_json_atomic(tmp / "summary.json", summary)
     if state is not None:
@@ -178,6 +182,7 @@ def info(path: str | Path) -> dict:
         "groups": plan.get("groups", []),
         "child_gates": summary.get("child_gates") or plan.get("child_gates") or None,
         "adapter_rank": layout.get("adapter_rank", 0),
+        "quantization": (config.get("quantization") or {}).get("level"),  # weight-only (quant.py), None: float
         "base_params": summary.get("base_params"),
         "unique_params": summary.get("unique_params"),
         "flops_ratio": summary.get("flops_ratio"),
@@ -215,6 +220,9 @@ def export(path: str | Path, out: str | Path, fmt: str = "dense", overwrite: boo
     matrix stored once; `int8`: onnxruntime's dynamic int8 on top), "gguf" (dense, for llama.cpp) or "executorch"
     (a .pte for ExecuTorch's XNNPACK delegate, each shared matrix stored once, `seq_len` tokens; `int8`: torchao's
     8da8w). Mirrors `foldgpt export`."""
+    from .quant import refuse_quantized
+
+    refuse_quantized(path, fmt)
     if fmt == "dense":
         from .checkpoint.export import export_dense
 

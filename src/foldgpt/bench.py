@@ -26,6 +26,7 @@ from .methods import get_method
 from .methods.greedy import SearchCache
 from .pipeline import prepare, run_method
 from .plan import Plan
+from .quant import state_bytes
 from .report import fmt_int, markdown_table, ppl, write_bench_figures
 from .stages.structure import flops_per_token, unique_params
 
@@ -68,15 +69,17 @@ def parse_variant(name: str) -> tuple[str, dict]:
     return method, overrides
 
 
-def variant_config(name: str, base: CompressConfig, target: float, cure: bool | None) -> CompressConfig:
-    """The configuration of the variant `name` (parse_variant) at `target`, cured or not as `cure` says (None: the
-    method's default)."""
+def variant_config(name: str, base: CompressConfig, target: float | str, cure: bool | None) -> CompressConfig:
+    """The configuration of the variant `name` (parse_variant) at `target` (a fraction of unique parameters, or a
+    byte budget such as "100MB": --target-size), cured or not as `cure` says (None: the method's default)."""
     method, overrides = parse_variant(name)
     get_method(method)
     if "cure.enabled" in overrides:
         raise FoldGPTError(f"'{name}': bench decides the cure of each row (--cure), not cure.enabled")
     try:
-        return with_settings(base, {"method": method, "target_params": target, "cure.enabled": cure, **overrides})
+        goal = ({"target_params": None, "target_size": target} if isinstance(target, str)
+                else {"target_params": target})
+        return with_settings(base, {"method": method, **goal, "cure.enabled": cure, **overrides})
     except FoldGPTError as exc:
         raise FoldGPTError(f"{exc} in method '{name}'") from None
 
@@ -165,7 +168,7 @@ def _run_row(session, ledger: _Ledger, name: str, target: float, do_cure: bool, 
              evaluate: Callable, eval_seq_len: int, searches: SearchCache) -> dict:
     cfg = variant_config(name, base, target, do_cure)
     key = _plan_key(cfg)
-    log.info("bench: %s at %.2f%s%s", name, target, " + cure" if do_cure else "",
+    log.info("bench: %s at %s%s%s", name, _target(target), " + cure" if do_cure else "",
              " (plan reused)" if key in ledger.plans else "")
     t = time.perf_counter()
     plan, plan_seconds = ledger.plans.get(key, (None, 0.0))
@@ -184,13 +187,14 @@ def _run_row(session, ledger: _Ledger, name: str, target: float, do_cure: bool, 
         "unit": run.plan.unit, "removed": run.plan.removed, "groups": run.plan.groups,
         "child_gates": run.summary.get("child_gates", {}), "seconds": seconds, **ev,
         "eval_seconds": time.perf_counter() - t,
+        **(_bytes(run) if isinstance(target, str) or cfg.quantize != "none" else {}),
     }, plan_key=key)
     log.info("bench: %s", {k: row[k] for k in ("method", "target", "cure", "perplexity")})
     return row
 
 
 @holds_output(inputs=("model", "text", "eval_text"))  # checked and locked before any work
-def bench(model: str, methods: list[str], targets: list[float], text: list[str] | None, eval_text: list[str],
+def bench(model: str, methods: list[str], targets: list[float | str], text: list[str] | None, eval_text: list[str],
           out: str | Path, cure: bool = False, base: CompressConfig | None = None,
           evaluation: EvalConfig | None = None, overwrite: bool = False, resume: bool = False) -> list[dict]:
     """Run every method at every target on one calibration set, evaluate each result on the texts `eval_text` as
@@ -199,11 +203,14 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
     Rows that differ only in the cure (a peer with and without it, foldgpt and its cure ablations)
     reuse one plan, and greedy searches are shared between rows (SLEB and foldgpt's greedy ranking search once).
     Each finished row is appended to `rows_file(out)`, and each greedy-search step to a folder beside it; with
-    `resume`, rows already there for the same command are kept instead of rerun, and saved searches continue."""
+    `resume`, rows already there for the same command are kept instead of rerun, and saved searches continue.
+    A target given as a byte budget ("100MB") is a --target-size: each row chooses its target and quantization."""
     base = base or CompressConfig()
     evaluation = evaluation or EvalConfig()
     for m in methods:
         variant_config(m, base, targets[0], None)  # fail early on unknown names
+    for t in targets[1:]:
+        variant_config(methods[0], base, t, None)  # ... and on bad sizes
     if Path(out).exists() and not overwrite:
         raise FoldGPTError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     if evaluation.tasks:
@@ -236,7 +243,9 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
         rows[0] = ledger.record({"method": "dense", "target": 1.0, "cure": False,
                                  "unique_params": unique_params(session.dense), "params_ratio": 1.0,
                                  "flops_ratio": 1.0, "seconds": 0.0, **evaluate(session.dense),
-                                 "eval_seconds": time.perf_counter() - t})
+                                 "eval_seconds": time.perf_counter() - t,
+                                 **({"weights_bytes": state_bytes(session.dense)}
+                                    if any(isinstance(x, str) for x in targets) else {})})
     for target, name, do_cure in _row_modes(methods, targets, cure):
         row = ledger.done.get((name, target, do_cure))
         rows.append(row if row is not None else _run_row(session, ledger, name, target, do_cure, base, evaluate,
@@ -251,18 +260,31 @@ def bench(model: str, methods: list[str], targets: list[float], text: list[str] 
     return rows
 
 
+def _bytes(run) -> dict:
+    """A quantized or --target-size row's level and weight bytes (the tensors, without the file's header)."""
+    level = run.summary["quantization"]["level"] if "quantization" in run.summary else "none"
+    return {"quantization": level, "weights_bytes": state_bytes(run.student)}
+
+
+def _target(t: float | str) -> str:
+    return t if isinstance(t, str) else f"{t:.2f}"
+
+
 def results_markdown(rows: list[dict], model: str) -> str:
     ppl_names = list(rows[0]["perplexity"])
     task_names = list(rows[0]["tasks"])
-    headers = (["method", "target", "cure", "unique params", "FLOPs/token"]
+    sized = any("weights_bytes" in r for r in rows)  # --target-size / quantized rows: their bytes
+    headers = (["method", "target", "cure", "unique params", "FLOPs/token"] + (["quant", "weights MB"] if sized else [])
                + [f"PPL {n}" for n in ppl_names] + [f"bpb {n}" for n in ppl_names]
                + task_names + (["task avg"] if task_names else []) + ["compress s"])
     body = []
     for r in rows:
         accs = [r["tasks"].get(t) for t in task_names]
         body.append(
-            [r["method"], f"{r['target']:.2f}", "yes" if r["cure"] else "no",
+            [r["method"], _target(r["target"]), "yes" if r["cure"] else "no",
              f"{fmt_int(r['unique_params'])} ({r['params_ratio']:.1%})", f"{r['flops_ratio']:.1%}"]
+            + ([r.get("quantization", "none"), f"{r['weights_bytes'] / 1e6:.1f}" if "weights_bytes" in r else "-"]
+               if sized else [])
             + [ppl(r["perplexity"][n]) for n in ppl_names]
             + [f"{r['bits_per_byte'][n]:.3f}" for n in ppl_names]
             + [f"{a:.3f}" if a is not None else "-" for a in accs]

@@ -69,7 +69,8 @@ def _eval(args) -> int:
 def _bench(args) -> int:
     from .bench import bench, split_methods
 
-    bench(args.model, split_methods(args.methods), args.targets, args.text, args.eval_text, args.out, args.cure,
+    targets = args.target_size or args.targets  # byte budgets (--target-size) or parameter fractions
+    bench(args.model, split_methods(args.methods), targets, args.text, args.eval_text, args.out, args.cure,
           compress_config(args), eval_config(args), overwrite=args.overwrite, resume=args.resume)
     print((Path(args.out) / "results.md").read_text())
     return 0

@@ -15,6 +15,7 @@ from .config import (
     FOLD_SELECTS,
     GATE_BUDGETS,
     PRECISIONS,
+    QUANT_LEVELS,
     RANKINGS,
     SEARCH_SCORES,
     UNITS,
@@ -101,6 +102,13 @@ def compress_config(args: argparse.Namespace) -> CompressConfig:
     compress without --target-params: --remove-rate alone sets the split, --plan alone re-applies a plan (no target);
     neither: the default target."""
     given = settings(args, "cfg")
+    if "target_size" in given:  # a byte budget instead of a parameter target (size.py)
+        if "target_params" in given or getattr(args, "plan", None) is not None:
+            from .errors import FoldGPTError
+
+            raise FoldGPTError("--target-size chooses the parameter target; give --target-size or "
+                               f"{'--plan' if 'target_params' not in given else '--target-params'}, not both")
+        given["target_params"] = None
     if "target_params" not in given and ("remove_rate" in given or getattr(args, "plan", None) is not None):
         given["target_params"] = None
         given.setdefault("remove_rate", 0.0)
@@ -169,6 +177,11 @@ def _compress_parser(sub) -> None:
     c.add_argument("--overwrite", action="store_true")
     _setting(c, "--method", "cfg:method")
     _setting(c, "--target-params", "cfg:target_params", type=float, help="fraction of unique parameters kept")
+    _setting(c, "--target-size", "cfg:target_size", metavar="SIZE",
+             help="byte budget for the weights file (e.g. 60MB, 0.5GB, 100MiB): chooses the unique-parameter target "
+                  "and the quantization level together (docs/size.md)")
+    _setting(c, "--quantize", "cfg:quantize", choices=QUANT_LEVELS,
+             help="weight-only quantization of the result after the cure (torchao: int8 per row, int4 in groups)")
     _setting(c, "--remove-rate", "cfg:remove_rate", type=float, help="fraction of layers removed")
     _setting(c, "--group-size", "cfg:fold.group_size", type=int)
     _setting(c, "--remove-share", "cfg:remove_share", type=float,
@@ -276,8 +289,12 @@ def _bench_parser(sub) -> None:
     b.add_argument("--methods", default="shortgpt,foldgpt",
                    help="comma list of methods, ablation variants, or METHOD[key=value;...] config overrides "
                         "(default: %(default)s)")
-    b.add_argument("--targets", default="0.75,0.6", type=_floats,
-                   help="fractions of unique parameters kept (default: %(default)s)")
+    goal = b.add_mutually_exclusive_group()
+    goal.add_argument("--targets", default="0.75,0.6", type=_floats,
+                      help="fractions of unique parameters kept (default: %(default)s)")
+    goal.add_argument("--target-size", default=None, type=_names, metavar="SIZE,SIZE",
+                      help="byte budgets for the weights file instead (e.g. 100MB,60MB): each row chooses its "
+                           "parameter target and quantization level (docs/size.md)")
     b.add_argument("--text", nargs="*", default=None)
     b.add_argument("--eval-text", nargs="+", required=True)
     _setting(b, "--tasks", "eval:tasks", type=_names, help="comma list of BIG-bench task.json / JSONL paths")

@@ -25,6 +25,7 @@ ADAPTER_INITS = ("zero", "svd", "fit")  # "fit": the search's fitted children (n
 FOLD_SELECTS = ("loss", "adjacent")
 DEVICE_MAPS = ("auto", "offload")
 COMPENSATIONS = ("none", "replaceme", "linearpatch")
+QUANT_LEVELS = ("none", "int8", "int4")  # weight-only quantization of the result (quant.py)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -213,6 +214,9 @@ class CompressConfig:
     max_memory: str | None = None  # with device_map auto: "cuda:0=30GiB,cuda:1=30GiB,cpu=200GiB"
     # training-free compensation of deleted spans (compensate.py), merged into weights: none, replaceme, linearpatch
     compensate: str = "none"
+    quantize: str = "none"  # weight-only quantization of the result, after the cure (quant.py): none, int8, int4
+    # a byte budget for the weights file ("100MB", "0.5GB"): chooses target_params and quantize (size.py)
+    target_size: str | None = None
     ranking: RankingConfig = field(default_factory=RankingConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     fold: FoldConfig = field(default_factory=FoldConfig)
@@ -224,8 +228,16 @@ class CompressConfig:
                    f"--target-params must be a fraction in (0, 1), got {self.target_params}")
         if self.remove_rate is not None:
             _check(0.0 <= self.remove_rate < 1.0, f"--remove-rate must be in [0, 1), got {self.remove_rate}")
-        _check(self.target_params is not None or self.remove_rate is not None,
+        _check(self.target_params is not None or self.remove_rate is not None or self.target_size is not None,
                "give --target-params or --remove-rate")
+        _one_of(self.quantize, QUANT_LEVELS, "--quantize")
+        if self.target_size is not None:
+            from .size import parse_size
+
+            parse_size(self.target_size)
+            _check(self.target_params is None and self.remove_rate is None and self.quantize == "none",
+                   "--target-size chooses the parameter target and the quantization level; drop --target-params, "
+                   "--remove-rate and --quantize, or drop --target-size")
         _check(0.0 <= self.remove_share <= 1.0, "remove share must be in [0, 1]")
         _check(self.seq_len >= 8, "--seq-len must be >= 8")
         _check(self.calib_seqs >= 1, "calibration sequences must be >= 1")

@@ -112,6 +112,10 @@ def prepare(model: str, text: list[str] | str | None, cfg: CompressConfig,
         dense, tok = load_model(model, convert_cache)
         adapter = get_adapter(dense.config)
         check_context(cfg.seq_len, dense.config.to_dict())  # hub ids and GGUF files: known only now
+        if cfg.target_size is not None:  # a budget below what the model can reach: before any work on it
+            from .size import choose, parse_size
+
+            choose(dense, adapter, parse_size(cfg.target_size))
         if cfg.device_map:  # layers spread over devices or offloaded to the CPU, moved in as they run
             placement.apply(dense, adapter, placement.plan(dense, adapter, cfg.device_map, cfg.device,
                                                            cfg.max_memory))
@@ -170,6 +174,12 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None,
         raise FoldGPTError(f"--streaming runs {', '.join(STREAMING_METHODS)} without a cure (one block on the "
                            f"device at a time); '{cfg.method}'{' with a cure' if cfg.cure.enabled else ''} trains "
                            "through the whole model: drop --streaming and use --micro-batch / --grad-checkpointing")
+    size_choice = None
+    if cfg.target_size is not None:  # a byte budget: the parameter target and the quantization level (size.py)
+        from .size import resolve
+
+        cfg, size_choice, whole = resolve(s.dense, s.adapter, cfg)
+        plan = whole if whole is not None else plan
     timer = Timer()
     timer.seconds.update(s.seconds)
     torch.manual_seed(cfg.seed)
@@ -201,6 +211,7 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None,
             "config": cfg.to_dict(), "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **({"unit_choice": ctx.info.unit_choice} if ctx.info.unit_choice is not None else {}),  # --unit auto
+            **({"target_size": size_choice.to_dict()} if size_choice is not None else {}),  # size.choose
         }
         student = clone_sharing_weights(s.dense)
         apply_plan_(student, the_plan, s.adapter, seed=cfg.seed,
@@ -219,7 +230,16 @@ def run_method(s: Session, cfg: CompressConfig, plan: Plan | None = None,
                               checkpoints=resume.cure_checkpoints() if resume is not None else None) if do_cure
                      else {"steps": 0, "trainable_params": 0, "history": []})
     with timer.stage("Measuring", 5, 6):
+        quantized = None
+        if cfg.quantize != "none":  # weight-only, after the cure (quant.py); measured below as quantized
+            from .size import quantize_result
+
+            quantized = quantize_result(s, student, held, cfg.quantize, size_choice)
         summary = summary_dict(s, student, the_plan, loss_before_cure, cure_info, cfg, budget, do_cure)
+    if quantized is not None:
+        summary["quantization"] = quantized
+    if size_choice is not None:
+        summary["target_size"] = size_choice.to_dict()
     summary["seconds"] = timer.seconds
     summary["source"] = s.source
     if traffic is not None:

@@ -46,6 +46,13 @@ def summary_table(s: dict) -> str:
         ["calibration loss (nats)", f"{s['calib_loss_dense']:.4f}", f"{s['calib_loss']:.4f}",
          f"before cure {s['calib_loss_before_cure']:.4f}"],
     ]
+    if s.get("size"):  # --quantize / --target-size: bytes next to the budget (size.size_summary)
+        z, q = s["size"], s.get("quantization") or {}
+        budget = f"budget {z['budget_bytes'] / 1e6:.1f} MB" if z.get("budget_bytes") else ""
+        dense = q.get("dense_bytes")
+        rows += [["weights on disk (MB)", f"{dense / 1e6:.1f}" if dense else "-", f"{z['weights_bytes'] / 1e6:.1f}",
+                  f"{budget}{', ' if budget and q else ''}{q.get('level', '')}"],
+                 ["resident weights (MB)", "", f"{z['resident_bytes'] / 1e6:.1f}", ""]]
     out = text_table(["", "before", "after", "ratio / note"], rows)
     out += "\n\n" + text_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in s["seconds"].items()])
     return out

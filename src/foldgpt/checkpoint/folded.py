@@ -69,7 +69,14 @@ def save_folded(model: nn.Module, tokenizer, plan: Plan, out: str | Path, base_c
                 extra_config: dict | None = None) -> None:
     """Write the compressed model into an existing (temporary) folder."""
     out = Path(out)
-    save_file(dedup_state_dict(model), str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    quantization = getattr(model, "fold_quantization", None)
+    if quantization:  # weight-only quantized (quant.py): values and scales as plain tensors, the record in config
+        from ..quant import saved_state
+
+        state, extra_config = saved_state(model), {**(extra_config or {}), "quantization": quantization}
+    else:
+        state = dedup_state_dict(model)
+    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     config = folded_config(model, plan, base_config, extra_config)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shutil.copyfile(modeling_foldgpt.__file__, out / "modeling_foldgpt.py")
@@ -87,7 +94,12 @@ def load_folded(path: str | Path, dtype: torch.dtype = torch.float32):
     path = Path(path)
     config = check_folded(path)  # config.json against the schema, the weights' header: before building anything
     try:
-        model = load_folded_model(str(path), dtype)
+        if config.get("quantization"):  # weight-only quantized: torchao's tensors rebuilt from the stored ones
+            from ..quant import load_quantized
+
+            model = load_quantized(str(path), config, dtype)
+        else:
+            model = load_folded_model(str(path), dtype)
     except (ValueError, RuntimeError) as exc:  # weights that do not fit the layout (names or shapes)
         line = " ".join(str(exc).split())[:300]
         raise FoldGPTError(f"{path}: the weights do not match config.json ({line}); the folder is damaged: write it "

@@ -81,7 +81,10 @@ class SharedLinear(nn.Module):
         else:
             y = None
         if self.rank > 0:
-            low = (x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype)
+            if type(self.lora_A) in (torch.Tensor, nn.Parameter):
+                low = (x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype)
+            else:  # weight-only quantized factors (foldgpt.quant): tensor types that run through F.linear
+                low = nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)
             y = low if y is None else y + low
         if self.mode != "shared" and getattr(self, "bias", None) is not None:
             y = y + self.bias.to(y.dtype)
@@ -268,6 +271,8 @@ def load_folded_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Modul
     materialize_buffers_(model)  # before the weights: re-initialising a module's buffers may touch its weights
     aliases = alias_keys(model)
     state = load_state_dict(os.path.join(path, WEIGHTS_NAME))
+    if cfg.get("quantization"):  # weight-only quantized (foldgpt.quant): without torchao, run it dequantized
+        state = dequantize_state(state, cfg["quantization"])
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     del state
@@ -282,6 +287,33 @@ def load_folded_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Modul
     model.eval()
     model.config._name_or_path = str(path)
     return model
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int4 values (int8 in [-8, 7], rows x cols) as bytes: two per byte, value + 8, the even column in the low
+    nibble (an odd last column is padded)."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    if u.shape[-1] % 2:
+        u = torch.nn.functional.pad(u, (0, 1), value=8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """pack_int4's inverse: int8 values in [-8, 7], `cols` columns."""
+    low, high = (packed & 0xF).to(torch.int8) - 8, (packed >> 4).to(torch.int8) - 8
+    return torch.stack([low, high], dim=-1).flatten(-2)[..., :cols].contiguous()
+
+
+def dequantize_state(state: dict, quantization: dict) -> dict:
+    """A weight-only quantized folder's tensors (NAME.qdata, NAME.scale; config.json's "quantization" lists each
+    NAME's bits, group size and shape) as float weights NAME = values x scale, for loading without torchao."""
+    state = dict(state)
+    for name, info in quantization["tensors"].items():
+        packed, scale = state.pop(f"{name}.qdata"), state.pop(f"{name}.scale").float()
+        q = unpack_int4(packed, int(info["shape"][1])) if int(info["bits"]) == 4 else packed
+        group = int(info["group_size"]) or q.shape[-1]
+        state[name] = (q.float().reshape(q.shape[0], -1, group) * scale.reshape(q.shape[0], -1, 1)).reshape(q.shape)
+    return state
 
 
 class FoldGPTConfig(PretrainedConfig):

@@ -144,7 +144,7 @@ def unique_params(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for p in model.parameters():
-        key = p.data_ptr() if p.device.type != "meta" else id(p)
+        key = p.data_ptr() if p.device.type != "meta" and p.data_ptr() else id(p)  # quantized tensors: no pointer
         if key not in seen:
             seen.add(key)
             total += p.numel()
