@@ -8,8 +8,8 @@ Calibration text: the five Austen calibration novels of ../shared/data (SHARED_D
 first 16,384 tokens of Pride and Prejudice in 512-token windows, and, as text of another kind than the calibration
 novels, the GNU GPL v3 licence text where the system has it (`OOD_TEXT` overrides; `eval_ood` in the row) and
 the stories of BIG-bench's causal_judgment task (modern narrative English, ../shared/data/bigbench; `eval_stories`).
-Other arguments go to `foldgpt compress` (e.g. `--cure-seed 1`). The compress runs in a child process, so its peak RSS is the
-process's own (resource.getrusage of the children).
+Other arguments go to `foldgpt compress` (e.g. `--cure-seed 1`). The compress runs in a child process, so its peak
+RSS is the process's own (resource.getrusage of the children).
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ def main() -> None:
            "wall_seconds": round(wall, 1), "peak_rss_bytes": peak, "stage_seconds": summary["seconds"],
            "params_ratio": summary["params_ratio"], "removed": summary["removed"], "groups": summary["groups"],
            "calib_loss_before_cure": summary["calib_loss_before_cure"], "calib_loss": summary["calib_loss"],
-           "eval": ppl, "eval_ood": ppl_ood, "eval_stories": ppl_stories, "plan": {k: plan.get(k) for k in ("removed", "groups", "child_ranks", "child_modes",
-                                                          "adapter_init", "unit", "method", "compensation")}}
+           "eval": ppl, "eval_ood": ppl_ood, "eval_stories": ppl_stories,
+           "plan": {k: plan.get(k) for k in ("removed", "groups", "child_ranks", "child_modes", "adapter_init", "unit",
+                                             "method", "compensation")}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(row, indent=2) + "\n")
     print(f"wall {wall:.0f} s, peak RSS {peak / 2**30:.2f} GiB")

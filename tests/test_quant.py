@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from helpers import fast_config
+from helpers import GEMMA_KINDS, fast_config, wide_config
 from tinymodels import make_tokenizer
 
 import foldgpt
@@ -25,23 +25,11 @@ LAYERS = 4
 # child runs its parent's attention in full (+ B A) and its own low-rank MLP (B A only)
 KINDS = {
     "llama": ("llama", [], [[1, 2, 3]]),
-    "gemma3": ("gemma3_text", ["sliding_attention", "full_attention"] * 2, [[0, 2], [1, 3]]),
+    "gemma3": ("gemma3_text", GEMMA_KINDS, [[0, 2], [1, 3]]),
 }
 # ||logits - float logits|| / ||float logits|| (random tiny weights: no outliers, errors add up over layers)
 TOLERANCE = {"int8": 0.03, "int4": 0.3}
 
-
-def wide_config(kind: str):
-    """Wide enough (hidden 256) that the file's header is small next to the weights."""
-    from transformers import Gemma3TextConfig, LlamaConfig
-
-    common = dict(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=LAYERS,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
-                  eos_token_id=2, pad_token_id=2)
-    if kind == "llama":
-        return LlamaConfig(**common, tie_word_embeddings=True)
-    return Gemma3TextConfig(**common, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
-                            layer_types=KINDS["gemma3"][1])
 
 
 @pytest.fixture(scope="module")

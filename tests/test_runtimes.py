@@ -8,7 +8,7 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import fast_config
+from helpers import GEMMA_KINDS, fast_config, wide_config
 from tinymodels import make_tokenizer
 
 import foldgpt
@@ -24,20 +24,9 @@ LAYERS = 4
 # full (W + B A)
 KINDS = {
     "llama": ("llama", [], [[1, 2, 3]], ["0.mlp"]),
-    "gemma3": ("gemma3_text", ["sliding_attention", "full_attention"] * 2, [[0, 2], [1, 3]], []),
+    "gemma3": ("gemma3_text", GEMMA_KINDS, [[0, 2], [1, 3]], []),
 }
 
-
-def wide_config(kind: str):
-    from transformers import Gemma3TextConfig, LlamaConfig
-
-    common = dict(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=LAYERS,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
-                  eos_token_id=2, pad_token_id=2)
-    if kind == "llama":
-        return LlamaConfig(**common, tie_word_embeddings=True)
-    return Gemma3TextConfig(**common, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
-                            layer_types=KINDS["gemma3"][1])
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +113,7 @@ def test_gguf_refuses_what_llama_cpp_cannot_run():
     from foldgpt.runtimes.gguf_export import _sliding_period, check_architecture
 
     assert _sliding_period(["sliding_attention"] * 5 + ["full_attention"]) == 6
-    assert _sliding_period(["sliding_attention", "full_attention"] * 2) == 2
+    assert _sliding_period(GEMMA_KINDS) == 2
     broken = ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]
     assert _sliding_period(broken) == 0
     cfg = Gemma3TextConfig(num_hidden_layers=4, layer_types=broken, head_dim=32, query_pre_attn_scalar=32)

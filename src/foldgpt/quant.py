@@ -241,7 +241,7 @@ def load_quantized(path: str, config: dict, dtype: torch.dtype = torch.float32) 
 
     from safetensors.torch import load_file
 
-    from .checkpoint.modeling_foldgpt import WEIGHTS_NAME, alias_keys, build_meta, materialize_buffers_
+    from .checkpoint.modeling_foldgpt import WEIGHTS_NAME, alias_keys, build_meta, finish_load, materialize_buffers_
 
     record = config["quantization"]
     if not (isinstance(record, dict) and record.get("format") == FORMAT and isinstance(record.get("tensors"), dict)
@@ -263,14 +263,7 @@ def load_quantized(path: str, config: dict, dtype: torch.dtype = torch.float32) 
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     del state
-    bad_missing = set(missing) - set(aliases) - set(record["tensors"])
-    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if unexpected or bad_missing or left:
-        raise ValueError(f"{path}: weights do not match the layout (missing {sorted(bad_missing or left)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]})")
-    materialize_buffers_(model)
-    model.eval()
-    model.config._name_or_path = str(path)
+    finish_load(model, path, set(missing) - set(aliases) - set(record["tensors"]), unexpected)
     model.fold_quantization = record
     return model
 

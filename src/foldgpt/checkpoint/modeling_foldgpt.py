@@ -278,10 +278,15 @@ def load_folded_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Modul
     del state
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    bad = set(missing) - set(aliases)
+    return finish_load(model, path, set(missing) - set(aliases), unexpected)
+
+
+def finish_load(model: nn.Module, path, missing: set[str], unexpected: list[str]) -> nn.Module:
+    """After load_state_dict: refuse weights that do not match the layout (`missing` without the keys that are
+    aliases of others), then materialize buffers and set eval mode and the model's path."""
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if unexpected or bad or left:
-        raise ValueError(f"{path}: weights do not match the layout (missing {sorted(bad or left)[:3]}, "
+    if unexpected or missing or left:
+        raise ValueError(f"{path}: weights do not match the layout (missing {sorted(missing or left)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]})")
     materialize_buffers_(model)
     model.eval()
