@@ -121,12 +121,23 @@ def make_point(name: str, work: Path) -> dict:
         run([sys.executable, "-c", "import sys; from foldgpt.quant import quantize_folder; "
              "quantize_folder(sys.argv[1], sys.argv[2], sys.argv[3], overwrite=True)", source_folder, str(folder),
              level])
-        row.update(quant=level, command=f"foldgpt.quant.quantize_folder({src!r} folder, OUT, {level!r})")
+        row.update(quant=level, command=f"quant.quantize_folder(<{src}>, OUT, {level!r})")
         source = str(folder)
     ev = evaluate(source)
     row.update(folder_bytes(folder), unique_params=ev["unique_params"], perplexity=ev["perplexity"], nll=ev["nll"],
                tokens=ev["tokens"], seconds=round(time.perf_counter() - t, 1))
     return row
+
+
+def shown(row: dict) -> str:
+    """How a point was made, as the table shows it (paths relative to the checkout)."""
+    how = POINTS[row["name"]]
+    if how[0] == "quantize":
+        return f"`quant.quantize_folder(<{how[1]}>, OUT, {how[2]!r})`"
+    if how[0] == "compress":
+        return "`foldgpt compress smollm2-135m --text <five novels> " + " ".join(
+            a.replace(str(ROOT) + "/", "") for a in how[1]) + "`"
+    return "the base model"
 
 
 def render(out: Path) -> None:
@@ -140,7 +151,7 @@ def render(out: Path) -> None:
         best = min(best, r["perplexity"])
         name = f"**{r['name']}**" if r["family"] == "target-size" else r["name"]
         lines.append(f"| {name} | {r['quant']} | {r['weights_bytes'] / 1e6:.1f} | {r['unique_params'] / 1e6:.1f}M | "
-                     f"{r['perplexity']:.2f} | {'yes' if front else ''} | {r['command']} |")
+                     f"{r['perplexity']:.2f} | {'yes' if front else ''} | {shown(r)} |")
     checks = []
     for r in rows:
         if r["family"] != "target-size":

@@ -81,7 +81,7 @@ class SharedLinear(nn.Module):
         else:
             y = None
         if self.rank > 0:
-            if type(self.lora_A) in (torch.Tensor, nn.Parameter):
+            if type(self.lora_A) in (torch.Tensor, nn.Parameter) and type(self.lora_B) in (torch.Tensor, nn.Parameter):
                 low = (x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype)
             else:  # weight-only quantized factors (foldgpt.quant): tensor types that run through F.linear
                 low = nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)
