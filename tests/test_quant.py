@@ -231,3 +231,21 @@ def test_bench_takes_byte_budgets(folded, text_file, eval_file, tmp_path):
     assert rows[0]["weights_bytes"] > rows[1]["weights_bytes"]
     table = (tmp_path / "b" / "results.md").read_text()
     assert "| shortgpt | 1MB |" in table and "int4" in table
+
+
+def test_int8_upgrades_measure_each_kind_and_leave_the_model_as_it_was(folded):
+    """size.int8_upgrades quantizes one kind of matrix at a time (a child's B factor without its A too) and puts the
+    float weights back; what it picks fits the spare bytes."""
+    from foldgpt.quant import _entries, scheme_bytes, scheme_for
+    from foldgpt.size import int8_upgrades
+
+    model, _ = foldgpt.load(folded["llama"] / "folded")
+    want = _logits(model)
+    held = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    names, rises = int8_upgrades(model, held, 60_000)
+    assert any(k.endswith("lora_B") for k in rises) and any(k.endswith("lora_A") for k in rises)
+    assert torch.equal(_logits(model), want)
+    shapes = {e.name: tuple(e.param.shape) for e in _entries(model)}
+    cost = sum(scheme_bytes(scheme_for("int8", shapes[n], False), shapes[n])
+               - scheme_bytes(scheme_for("int4", shapes[n], False), shapes[n]) for n in names)
+    assert names and cost <= 60_000
