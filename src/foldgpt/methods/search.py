@@ -306,7 +306,7 @@ def search(ctx: Context, fits: ChildFits, target: int, ids: torch.Tensor, fracti
         if refine > 0 and judge is None:
             bar.close()
             states, params, current = _refine(scorer, costs, states, ranks, actions, prot, target, params, current,
-                                              stale, steps, refine)
+                                              stale, steps, refine, max(rescore, 1))
     finally:
         bar.close()
         if judge is not None:  # first: its weight swaps sit on top of the scorer's
@@ -317,24 +317,30 @@ def search(ctx: Context, fits: ChildFits, target: int, ids: torch.Tensor, fracti
 
 def _refine(scorer: _Scorer, costs: list[LayerCosts], states: list[tuple], ranks: list[int],
             actions: tuple[str, ...], prot: set[int], target: int, params: int, current: float,
-            stale: dict[tuple, float], steps: list[dict], rounds: int) -> tuple[list[tuple], int, float]:
+            stale: dict[tuple, float], steps: list[dict], rounds: int, rescore: int = 6
+            ) -> tuple[list[tuple], int, float]:
     """Exchange rounds after the greedy search: a greedy choice made early, when the model was whole, may be worse
     than what the later ones made possible. Each round scores every one-step give-back (undos) and takes the one
     that lowers the loss most per parameter given back, then the cheapest actions (lazily re-scored, as in the
     search) of the other layers until the model is at the target again; the round is kept only if the loss is
     then lower than before it, else undone, and the next round tries the next give-back. Each kept round is one
-    more entry of `steps` (kind "exchange"). Returns (states, params, loss)."""
+    more entry of `steps` (kind "exchange"). The give-backs are scored lazily: all in the first round, then the new
+    ones and the `rescore` best of the others. Returns (states, params, loss)."""
     n = len(states)
     tried: set[tuple] = set()
+    gains: dict[tuple, float] = {}  # (layer, give-back) -> loss fall per parameter given back at its last scoring
     for _ in tqdm(range(rounds), desc="FoldGPT search (exchanges)", leave=False):
         backs = [(i, s) for i in range(n) if i not in prot for s in undos(states[i], ranks, actions)
                  if (i, s) not in tried]
         if not backs:
             break
-        gains = {}
-        for i, s in backs:
+        # lazily, as the search: every give-back is scored once; later rounds score the new ones (of the layers the
+        # last kept round changed) and re-score only the `rescore` best of the others
+        fresh = [o for o in backs if o not in gains]
+        old = sorted((o for o in backs if o in gains), key=lambda o: -gains[o])[:rescore]
+        for i, s in fresh + old:
             gains[(i, s)] = (current - scorer.trial(i, s)) / (costs[i].params(s) - costs[i].params(states[i]))
-        i0, s0 = max(backs, key=lambda o: gains[o])
+        i0, s0 = max(fresh + old, key=lambda o: gains[o])
         tried.add((i0, s0))
         if gains[(i0, s0)] <= 0:
             break
@@ -349,7 +355,7 @@ def _refine(scorer: _Scorer, costs: list[LayerCosts], states: list[tuple], ranks
             if not options:
                 break
             fresh = [o for o in options if o not in stale]
-            todo = fresh + sorted((o for o in options if o in stale), key=lambda o: stale[o])[:6]
+            todo = fresh + sorted((o for o in options if o in stale), key=lambda o: stale[o])[:rescore]
             base = scorer.refresh()
             for i, s in todo:
                 stale[(i, s)] = (scorer.trial(i, s) - base) / (costs[i].params(trial[i]) - costs[i].params(s))
@@ -365,6 +371,8 @@ def _refine(scorer: _Scorer, costs: list[LayerCosts], states: list[tuple], ranks
             log.info("search exchange: %s (calibration loss %.4f -> %.4f)", ", ".join(
                 f"layer {i} -> {s[0] if s[0] != 'child' else f'child rank {s[1]}'}" for i, s in moves), current, loss)
             states, params, current = trial, p, loss
+            for key in [k for k in gains if any(k[0] == i for i, _ in moves)]:
+                del gains[key]  # the moved layers' give-backs start from their new states
             steps.append({"kind": "exchange", "moves": [[i, list(s)] for i, s in moves], "loss": loss,
                           "params": params})
         else:
