@@ -1,6 +1,7 @@
 """Bytes on disk against held-out perplexity on SmolLM2-135M: the dense model, dense + int8 / int4, the best peer +
 cure at 75% and 60% (SLEB, ShortGPT; bench/compare_default.sh's rows) and foldgpt's default at 75% and 60%, each
-also + int8 / int4, and `foldgpt compress --target-size` at three budgets.
+also + int8 / int4, `foldgpt compress --target-size` at three budgets, and the best peer at 60% (ShortGPT + cure)
+given the 60 MB budget by the same rule.
 
     python bench/pareto.py                       (about 3 h on 2 CPU cores; a point whose JSON exists is skipped)
     python bench/pareto.py --only dense,dense+int4   (some points)
@@ -48,6 +49,9 @@ for _name, _args in {
         POINTS[f"{_name}+{_lvl}"] = ("quantize", _name, _lvl)
 for _size in ("60MB",):
     POINTS[f"target-size {_size}"] = ("compress", ["--target-size", _size, "--cure-seed", "0"])
+    # the best peer at 60% given the same byte budget and the same rule (int4 + upgrades, its own search, the cure)
+    POINTS[f"shortgpt+cure at {_size}"] = ("compress", ["--target-size", _size, "--method", "shortgpt", "--cure",
+                                                         "--cure-seed", "0"])
 
 
 def family(name: str) -> str:
