@@ -264,7 +264,8 @@ def search(ctx: Context, fits: ChildFits, target: int, ids: torch.Tensor, fracti
             for i, s in todo:
                 saved = costs[i].params(states[i]) - costs[i].params(s)
                 stale[(i, s)] = (scorer.trial(i, s) - current) / saved
-                bar.update(1)
+                if not steps:  # (after the first step the bar counts parameters)
+                    bar.update(1)
             ranked = sorted(todo, key=lambda o: stale[o])
             if judge is not None:  # the exact NLL decides among the best few
                 _, i, s = min(((judge.trial(i, s) - exact) / (costs[i].params(states[i]) - costs[i].params(s)), i, s)
