@@ -687,3 +687,25 @@ def test_the_fixtures_themselves_work(fx, tmp_path, monkeypatch):
     code, stderr = run_main(["compress", str(fx["llama"]), "--text", str(fx["text"]), "--out", str(tmp_path / "c"),
                              "--plan", str(fx["folded"] / "plan.json"), "--no-cure", *FAST])
     assert code == 0, stderr[-2000:]
+
+
+def test_alias_missing_a_part_package_is_one_line(tmp_path, monkeypatch):
+    """A model alias whose GGUF is assembled from part packages, with a part missing: one error line naming the
+    install command, and no partial file left in the cache."""
+    import sys
+
+    from foldgpt import models
+    from foldgpt.errors import FoldGPTError
+
+    pkg = tmp_path / "site" / "fake_parted_model"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("def assemble(out):\n    open(out, 'wb').write(b'x')\n"
+                                     "    import fake_parted_model_part9  # noqa: F401\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("FOLDGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(models.ALIASES, "fake-model", models.Alias("fake_parted_model", "fake.gguf",
+                                                                   "pip install fake-parted-model"))
+    with pytest.raises(FoldGPTError, match="fake_parted_model_part9.*pip install fake-parted-model"):
+        models._alias_gguf("fake-model")
+    assert not list((tmp_path / "cache").rglob("*.partial")) and not list((tmp_path / "cache").rglob("*.gguf"))
+    sys.modules.pop("fake_parted_model", None)

