@@ -16,7 +16,8 @@ architecture (what `export --dense` writes: the same function without the sharin
 `--seq-len` tokens in fp32 and int8 (foldgpt.runtimes.executorch_export), run by ExecuTorch's Python runtime in a
 fresh process (RSS: growth from loading the program and running the first window; thread pool: `--threads`).
 `unique MB` is the unique-parameter bytes of the source at the file's precision (4 or 1 byte per parameter);
-`perplexity` is next-token perplexity within the windows (ExecuTorch rows; the fp32 model's is in the torch rows).
+`perplexity` is next-token perplexity within the windows (ONNX and ExecuTorch rows; the fp32 model's is in the torch
+rows).
 """
 
 from __future__ import annotations
@@ -139,7 +140,9 @@ def main() -> None:
 
     for name, r in rows:
         rss = None if r.get("rss_bytes") is None else r["rss_bytes"] / 1e6
-        uniq = r["unique_param_bytes"] / 1e6 if "ExecuTorch" in name else None  # at the file's precision
+        uniq = None  # at the file's precision
+        if "ExecuTorch" in name or "ONNX" in name:
+            uniq = r["unique_param_bytes_int8" if "ONNX int8" in name else "unique_param_bytes"] / 1e6
         lines.append(f"| {name} | {r['file_bytes'] / 1e6:.1f} | {fmt(uniq, '.1f')} | {fmt(r['max_abs_diff'], '.2e')} "
                      f"| {fmt(r.get('ppl'), '.2f')} | {fmt(rss, '.0f')} | {fmt(r.get('tokens_per_s'), '.0f')} |")
     table = "\n".join(lines)

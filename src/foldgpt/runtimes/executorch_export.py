@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..errors import FoldGPTError
-from . import check_output_file, file_bytes, require, token_windows, unique_param_bytes
+from . import check_output_file, file_bytes, perplexity, require, token_windows, unique_param_bytes
 
 log = logging.getLogger(__name__)
 
@@ -374,14 +374,7 @@ def _measure_against(model: nn.Module, pte: Path, windows: torch.Tensor, threads
                          for i in range(len(windows))])
     return {"max_abs_diff": (logits - ref).abs().max().item(), "file_bytes": file_bytes(pte),
             "unique_param_bytes": unique // 4 if int8 else unique, "unique_param_bytes_fp32": unique,
-            "ppl": _perplexity(logits, windows), "ppl_reference": _perplexity(ref, windows), **stats}
-
-
-def _perplexity(logits: torch.Tensor, windows: torch.Tensor) -> float:
-    """Next-token perplexity within the windows (the measure that matters for int8, where max-abs logits mislead)."""
-    nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                      windows[:, 1:].reshape(-1))
-    return float(nll.exp())
+            "ppl": perplexity(logits, windows), "ppl_reference": perplexity(ref, windows), **stats}
 
 
 def check_executorch(model_dir: str | Path, pte_path: str | Path, n_windows: int = 4, seq_len: int | None = None,
