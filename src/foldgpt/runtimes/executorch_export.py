@@ -78,8 +78,9 @@ def _linear_form_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.alpha.to(x.dtype) * self.base(x)
     else:
         y = None
-    if self.rank > 0:
-        low = nn.functional.linear(nn.functional.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+    if self.rank > 0:  # (int8 factors are torchao tensors, which F.linear runs as 8da8w)
+        a, b = (w if w.dtype == x.dtype else w.to(x.dtype) for w in (self.lora_A, self.lora_B))
+        low = nn.functional.linear(nn.functional.linear(x, a), b)
         y = low if y is None else y + low
     if self.mode != "shared" and getattr(self, "bias", None) is not None:
         y = y + self.bias.to(y.dtype)
@@ -101,24 +102,42 @@ def linear_form(model: nn.Module):
             del m.forward
 
 
-def _partitioner():
+def _partitioner(int8: bool = False):
     """XNNPACK's partitioner, except that a constant read both by a delegated op and by a non-delegated one stays a
-    program constant (passed to the delegate at run time) instead of being copied into the delegate."""
+    program constant (passed to the delegate at run time) instead of being copied into the delegate. In an int8
+    program the only fp32 Linear left is a tied LM head, whose weight (the int8 embedding, dequantized outside the
+    delegate) XNNPACK must take at run time: `force_non_static_weights_for_f32_linear`."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     class SharedConstantPartitioner(XnnpackPartitioner):
         def partition(self, exported_program):
             res = super().partition(exported_program)
-            for node in res.tagged_exported_program.graph.nodes:
-                if node.op != "placeholder" or "delegation_tag" not in node.meta:
-                    continue
-                # read by a non-delegated op too (several delegates' copies are merged by the sha256 keys)
-                if any(user.meta.get("delegation_tag") is None for user in node.users):
-                    log.debug("constant %s is read outside its delegate: kept as one program constant", node.name)
-                    del node.meta["delegation_tag"]
+            program = res.tagged_exported_program
+            sig = program.graph_signature
+            derived = {*sig.inputs_to_parameters, *sig.inputs_to_buffers, *sig.inputs_to_lifted_tensor_constants}
+            for node in program.graph.nodes:  # (topological order) values computed from constants alone
+                if node.op == "call_function" and node.all_input_nodes and all(
+                        i.name in derived for i in node.all_input_nodes):
+                    derived.add(node.name)
+            changed = True
+            while changed:
+                changed = False
+                for node in program.graph.nodes:
+                    if "delegation_tag" not in node.meta or node.name not in derived:
+                        continue
+                    # a constant read by a non-delegated op too (several delegates' copies are merged by the
+                    # sha256 keys) stays one program constant; a delegated computation from such constants alone
+                    # (the LM head's dequantization of a tied int8 embedding) runs outside too, so that the delegate
+                    # receives its result at run time as it receives a shared fp32 constant
+                    if (any(user.meta.get("delegation_tag") is None for user in node.users) or (
+                            node.op == "call_function" and any(i.op == "placeholder" and "delegation_tag" not in
+                                                               i.meta for i in node.all_input_nodes))):
+                        log.debug("%s is read outside its delegate: kept out of it", node.name)
+                        del node.meta["delegation_tag"]
+                        changed = True
             return res
 
-    return SharedConstantPartitioner()
+    return SharedConstantPartitioner(force_non_static_weights_for_f32_linear=int8)
 
 
 def pool_last_dim_means(program) -> int:
@@ -157,19 +176,38 @@ def pool_last_dim_means(program) -> int:
     return done
 
 
+class TiedInt8Head(nn.Module):
+    """The LM head of an int8 program whose head is tied to the token embedding: `linear(h, rows x scales)` on the
+    embedding's own int8 table (torchao's IntxUnpackedToInt8Tensor, int8 per row), so that the program stores the
+    matrix once. The lookup reads the int8 table with ExecuTorch's `embedding_byte` kernel; for the head the table
+    is converted to fp32 outside the delegate at each run and XNNPACK scales it and runs an fp32 GEMM on it, packing
+    the weight at each run (see the module docstring for what that costs)."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.embedding = embedding  # the same module (its weight is listed once by parameters())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.embedding.weight
+        rows = w.qdata.to(h.dtype) * w.scale.reshape(-1, 1).to(h.dtype)  # symmetric: zero points are 0
+        return nn.functional.linear(h, rows)
+
+
 def _quantize_int8(model: nn.Module) -> None:
-    """In place: 8da8w on every nn.Linear, int8 weight-only on the token embedding (see the module docstring)."""
+    """In place: 8da8w on every nn.Linear and on every folded child's low-rank factors, int8 weight-only on the
+    token embedding, and a tied LM head reading that int8 table (TiedInt8Head); see the module docstring."""
     from torchao.quantization import quantize_
     from torchao.quantization.granularity import PerAxis
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
 
+    from ..checkpoint.modeling_foldgpt import SharedLinear
+
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    if head is not None and emb is not None and head.weight is emb.weight:  # untie first: each is quantized for its op
-        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+    tied = head is not None and emb is not None and head.weight is emb.weight
     if emb is not None:  # padding_idx only masks gradients; without it the lookup matches the int8 kernel's pattern
         emb.padding_idx = None
-    seen: set[int] = set()
+    seen: set[int] = {id(head)} if tied else set()
 
     def once(kind):  # quantize_ walks the module tree by name: a parent's Linear is reached again from each child
         def keep(m, fqn):
@@ -179,10 +217,24 @@ def _quantize_int8(model: nn.Module) -> None:
             return True
         return keep
 
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
-              filter_fn=once(nn.Linear))
+    dynamic = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    quantize_(model, dynamic, filter_fn=once(nn.Linear))
+    for m in model.modules():  # the factors as the weights of the two linears `linear_form` runs
+        if isinstance(m, SharedLinear) and m.rank > 0 and id(m) not in seen:
+            seen.add(id(m))
+            for name in ("lora_A", "lora_B"):
+                w = getattr(m, name)
+                shell = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+                shell.weight = nn.Parameter(w.detach().float(), requires_grad=False)
+                quantize_(shell, dynamic)
+                m._parameters[name] = shell.weight
     quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
               filter_fn=once(nn.Embedding))
+    if tied:
+        if bool((emb.weight.zero_point != 0).any()):
+            raise FoldGPTError("the int8 embedding has non-zero zero points; the tied LM head cannot read it")
+        name = next(n for n, m in model.named_modules() if m is head)
+        model.set_submodule(name, TiedInt8Head(emb))
 
 
 class _DropRootInfo(logging.Filter):
@@ -234,20 +286,31 @@ def to_program(model: nn.Module, int8: bool = False, seq_len: int = DEFAULT_SEQ_
         if not dynamic:  # (a dynamic length has no fixed row count to view)
             pool_last_dim_means(program)
         t_export = time.perf_counter() - t
-        edge = to_edge_transform_and_lower(program, partitioner=[_partitioner()],
+        edge = to_edge_transform_and_lower(program, partitioner=[_partitioner(int8)],
                                            compile_config=get_xnnpack_edge_compile_config(),
                                            constant_methods={"get_max_seq_len": seq_len,
                                                              "enable_dynamic_shape": bool(dynamic),
                                                              "use_kv_cache": False, "get_vocab_size": vocab,
                                                              "foldgpt_int8": bool(int8)})
         del program
-        et = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True,
-                                                        do_quant_fusion_and_const_prop=bool(int8)))
+        if int8:
+            _fuse_quantized_ops(edge)
+        et = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
         buffer = et.buffer
     log.info("ExecuTorch program traced in %.1f s and lowered to XNNPACK in %.1f s (%s, %s %d tokens)", t_export,
              time.perf_counter() - t - t_export, "int8" if int8 else "fp32", "up to" if dynamic else "",
              seq_len)
     return buffer
+
+
+def _fuse_quantized_ops(edge) -> None:
+    """ExecuTorch's quantized-op fusion (the int8 embedding's dequantize + lookup -> `embedding_byte`) on the lowered
+    program, in place, without the constant propagation that `do_quant_fusion_and_const_prop` runs after it: that
+    would fold the tied LM head's int8 -> fp32 conversion (TiedInt8Head) into a second, fp32 copy of the embedding."""
+    from executorch.exir.passes.quant_fusion_pass import QuantFusionPass, _get_node_value_dict
+
+    program = edge.exported_program()
+    QuantFusionPass(_fix_node_meta_val=True, node_value_dict=_get_node_value_dict(program))(program.graph_module)
 
 
 def model_to_executorch(model: nn.Module, out: str | Path, overwrite: bool = False, int8: bool = False,
