@@ -102,11 +102,11 @@ def linear_form(model: nn.Module):
             del m.forward
 
 
-def _partitioner(int8: bool = False):
+def _partitioner(tied_int8_head: bool = False):
     """XNNPACK's partitioner, except that a constant read both by a delegated op and by a non-delegated one stays a
     program constant (passed to the delegate at run time) instead of being copied into the delegate. In an int8
-    program the only fp32 Linear left is a tied LM head, whose weight (the int8 embedding, dequantized outside the
-    delegate) XNNPACK must take at run time: `force_non_static_weights_for_f32_linear`."""
+    program with a TiedInt8Head the only fp32 Linear left is that head, whose weight (the int8 embedding, converted
+    outside the delegate) XNNPACK must take at run time: `force_non_static_weights_for_f32_linear`."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     class SharedConstantPartitioner(XnnpackPartitioner):
@@ -137,7 +137,7 @@ def _partitioner(int8: bool = False):
                         changed = True
             return res
 
-    return SharedConstantPartitioner(force_non_static_weights_for_f32_linear=int8)
+    return SharedConstantPartitioner(force_non_static_weights_for_f32_linear=tied_int8_head)
 
 
 def pool_last_dim_means(program) -> int:
@@ -193,9 +193,10 @@ class TiedInt8Head(nn.Module):
         return nn.functional.linear(h, rows)
 
 
-def _quantize_int8(model: nn.Module) -> None:
+def _quantize_int8(model: nn.Module, tie_head: bool = True) -> bool:
     """In place: 8da8w on every nn.Linear and on every folded child's low-rank factors, int8 weight-only on the
-    token embedding, and a tied LM head reading that int8 table (TiedInt8Head); see the module docstring."""
+    token embedding, and a tied LM head reading that int8 table (TiedInt8Head; with `tie_head=False` it gets its own
+    8da8w copy instead); see the module docstring. Returns whether a TiedInt8Head was set."""
     from torchao.quantization import quantize_
     from torchao.quantization.granularity import PerAxis
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
@@ -205,6 +206,9 @@ def _quantize_int8(model: nn.Module) -> None:
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     tied = head is not None and emb is not None and head.weight is emb.weight
+    if tied and not tie_head:
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        tied = False
     if emb is not None:  # padding_idx only masks gradients; without it the lookup matches the int8 kernel's pattern
         emb.padding_idx = None
     seen: set[int] = {id(head)} if tied else set()
@@ -235,6 +239,7 @@ def _quantize_int8(model: nn.Module) -> None:
             raise FoldGPTError("the int8 embedding has non-zero zero points; the tied LM head cannot read it")
         name = next(n for n, m in model.named_modules() if m is head)
         model.set_submodule(name, TiedInt8Head(emb))
+    return tied
 
 
 class _DropRootInfo(logging.Filter):
@@ -262,9 +267,11 @@ def _quiet():
     return stack
 
 
-def to_program(model: nn.Module, int8: bool = False, seq_len: int = DEFAULT_SEQ_LEN, dynamic: bool = False) -> bytes:
+def to_program(model: nn.Module, int8: bool = False, seq_len: int = DEFAULT_SEQ_LEN, dynamic: bool = False,
+               tie_int8_head: bool = True) -> bytes:
     """The .pte bytes of a causal LM module (folded or dense), lowered to XNNPACK (see the module docstring).
-    With `int8`, `model` is quantized in place."""
+    With `int8`, `model` is quantized in place; `tie_int8_head=False` gives a tied LM head its own int8 copy (the
+    matrix twice in the file, no conversion and packing of the head at each run)."""
     with _quiet():
         from executorch.backends.xnnpack.utils.configs import get_xnnpack_edge_compile_config
         from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -279,14 +286,13 @@ def to_program(model: nn.Module, int8: bool = False, seq_len: int = DEFAULT_SEQ_
                             generator=torch.Generator().manual_seed(0))
     t = time.perf_counter()
     with _quiet(), torch.no_grad(), linear_form(model):
-        if int8:
-            _quantize_int8(model)
+        tied = _quantize_int8(model, tie_int8_head) if int8 else False
         shapes = {"input_ids": {1: torch.export.Dim("sequence", min=1, max=seq_len)}} if dynamic else None
         program = torch.export.export(LogitsOnly(model), (example,), dynamic_shapes=shapes, strict=False)
         if not dynamic:  # (a dynamic length has no fixed row count to view)
             pool_last_dim_means(program)
         t_export = time.perf_counter() - t
-        edge = to_edge_transform_and_lower(program, partitioner=[_partitioner(int8)],
+        edge = to_edge_transform_and_lower(program, partitioner=[_partitioner(tied)],
                                            compile_config=get_xnnpack_edge_compile_config(),
                                            constant_methods={"get_max_seq_len": seq_len,
                                                              "enable_dynamic_shape": bool(dynamic),
@@ -314,14 +320,14 @@ def _fuse_quantized_ops(edge) -> None:
 
 
 def model_to_executorch(model: nn.Module, out: str | Path, overwrite: bool = False, int8: bool = False,
-                        seq_len: int = DEFAULT_SEQ_LEN, dynamic: bool = False) -> Path:
+                        seq_len: int = DEFAULT_SEQ_LEN, dynamic: bool = False, tie_int8_head: bool = True) -> Path:
     """Export any causal LM module (folded or dense) to the .pte file `out`, atomically. With `int8`, `model` is
-    quantized in place (pass a copy to keep it)."""
+    quantized in place (pass a copy to keep it); `tie_int8_head`: see to_program."""
     require(EXPORT_MODULES, "the ExecuTorch export", EXTRA)
     out = check_output_file(out, overwrite, ".pte")
     from ..fileio import staging_dir
 
-    buffer = to_program(model, int8, seq_len, dynamic)
+    buffer = to_program(model, int8, seq_len, dynamic, tie_int8_head)
     with staging_dir(out.parent, f".{out.name}.tmp-") as tmp:
         (tmp / out.name).write_bytes(buffer)
         os.replace(tmp / out.name, out)
