@@ -25,10 +25,15 @@ fixed length only), which halves the number of delegated parts (faster lowering,
 
 `int8=True`: torchao's `Int8DynamicActivationIntxWeightConfig` (int8 weights per output channel, activations
 quantized per token at run time: XNNPACK's dynamically quantized GEMM, ExecuTorch's "8da8w") on every nn.Linear
-(the shared parents once; the low-rank deltas stay fp32) and `IntxWeightOnlyConfig` (int8 per row) on the token
-embedding, run by ExecuTorch's quantized `embedding_byte` kernel. Quantizing splits a tied embedding in two: the
-lookup's int8 table (a program constant) and the LM head's int8 weights (XNNPACK's), so an int8 file holds that
-matrix twice; every other shared matrix is still stored once.
+(the shared parents once) and on each folded child's low-rank factors (the two linears of `linear_form`), and
+`IntxWeightOnlyConfig` (int8 per row) on the token embedding, run by ExecuTorch's quantized `embedding_byte` kernel.
+A tied LM head reads that same int8 table (`TiedInt8Head`): the table is converted to fp32 outside the delegate at
+each run (ExecuTorch's portable kernel), and XNNPACK scales it per row and runs an fp32 GEMM with it as a run-time
+weight. The matrix is stored once, in int8, at a cost per run: the conversion, XNNPACK's packing of the head's
+weight at each call (instead of once at load) and an fp32 GEMM instead of the int8 one (docs/runtimes.md measures
+it against `tie_int8_head=False`, which gives the head its own 8da8w copy). ExecuTorch's quantized-op fusion is run
+without the constant propagation that usually follows it, which would fold the conversion into an fp32 copy of the
+embedding. Norms, alpha scalars and the per-channel scales stay fp32.
 
 `check_executorch` runs a .pte with ExecuTorch's Python runtime in a fresh process (its resident memory is the
 program's alone): logits against `foldgpt.load`, file size against the folder's unique-parameter bytes at the
