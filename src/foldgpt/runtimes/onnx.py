@@ -15,8 +15,9 @@ larger than the weights of a small model and no runtime reads it.
 
 `int8=True` writes onnxruntime's dynamic quantization on top: weights stored as int8 (per tensor), activations
 quantized on the fly (per tensor) at each MatMul. Each matrix is stored once: a tied embedding is one uint8 table
-that the lookup dequantizes and the LM head reads through a dequantize and a transpose (an fp32 MatMul). Judge it by
-perplexity (`check_onnx`'s `ppl`): per-tensor activation quantization moves SmolLM2's a lot (docs/runtimes.md)."""
+that the lookup gathers from (then dequantizes) and the LM head reads through a transpose and a dequantize (an
+fp32 MatMul). Judge it by perplexity (`check_onnx`'s `ppl`): per-tensor activation quantization moves SmolLM2's a
+lot (docs/runtimes.md)."""
 
 from __future__ import annotations
 
