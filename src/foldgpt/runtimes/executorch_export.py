@@ -193,9 +193,8 @@ class TiedInt8Head(nn.Module):
         self.embedding = embedding  # the same module (its weight is listed once by parameters())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        w = self.embedding.weight
-        rows = w.qdata.to(h.dtype) * w.scale.reshape(-1, 1).to(h.dtype)  # symmetric: zero points are 0
-        return nn.functional.linear(h, rows)
+        w = self.embedding.weight  # symmetric: zero points are 0; a row's scale scales its output column
+        return nn.functional.linear(h, w.qdata.to(h.dtype)) * w.scale.reshape(-1).to(h.dtype)
 
 
 def _quantize_int8(model: nn.Module, tie_head: bool = True) -> bool:
