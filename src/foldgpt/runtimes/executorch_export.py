@@ -28,10 +28,12 @@ quantized per token at run time: XNNPACK's dynamically quantized GEMM, ExecuTorc
 (the shared parents once) and on each folded child's low-rank factors (the two linears of `linear_form`), and
 `IntxWeightOnlyConfig` (int8 per row) on the token embedding, run by ExecuTorch's quantized `embedding_byte` kernel.
 A tied LM head reads that same int8 table (`TiedInt8Head`): the table is converted to fp32 outside the delegate at
-each run (ExecuTorch's portable kernel), and XNNPACK scales it per row and runs an fp32 GEMM with it as a run-time
-weight. The matrix is stored once, in int8, at a cost per run: the conversion, XNNPACK's packing of the head's
-weight at each call (instead of once at load) and an fp32 GEMM instead of the int8 one (docs/runtimes.md measures
-it against `tie_int8_head=False`, which gives the head its own 8da8w copy). ExecuTorch's quantized-op fusion is run
+each run (ExecuTorch's portable kernel), and XNNPACK runs an fp32 GEMM with it as a run-time weight and scales the
+logits' columns by the rows' scales. The matrix is stored once, in int8, at a cost per run: the conversion, XNNPACK's
+packing of the head's weight at each call (instead of once at load), an fp32 GEMM instead of the int8 one, and two
+table-sized fp32 buffers (the converted table, its packed copy). On SmolLM2 (a 49152 x 576 table), against
+`tie_int8_head=False`, which gives the head its own 8da8w copy (28 MB more on disk): 420 MB resident instead of 200
+MB, about two thirds of the tokens/s (docs/runtimes.md). ExecuTorch's quantized-op fusion is run
 without the constant propagation that usually follows it, which would fold the conversion into an fp32 copy of the
 embedding. Norms, alpha scalars and the per-channel scales stay fp32.
 
@@ -182,11 +184,11 @@ def pool_last_dim_means(program) -> int:
 
 
 class TiedInt8Head(nn.Module):
-    """The LM head of an int8 program whose head is tied to the token embedding: `linear(h, rows x scales)` on the
-    embedding's own int8 table (torchao's IntxUnpackedToInt8Tensor, int8 per row), so that the program stores the
-    matrix once. The lookup reads the int8 table with ExecuTorch's `embedding_byte` kernel; for the head the table
-    is converted to fp32 outside the delegate at each run and XNNPACK scales it and runs an fp32 GEMM on it, packing
-    the weight at each run (see the module docstring for what that costs)."""
+    """The LM head of an int8 program whose head is tied to the token embedding: `linear(h, int8 rows) x row scales`
+    on the embedding's own int8 table (torchao's IntxUnpackedToInt8Tensor, int8 per row), so that the program stores
+    the matrix once. The lookup reads the int8 table with ExecuTorch's `embedding_byte` kernel; for the head the table
+    is converted to fp32 outside the delegate at each run and XNNPACK runs an fp32 GEMM on it, packing the weight at
+    each run (see the module docstring for what that costs)."""
 
     def __init__(self, embedding: nn.Embedding):
         super().__init__()
