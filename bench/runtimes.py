@@ -14,9 +14,12 @@ rows). Torch's tokens/s is measured in this process with the same windows.
 ExecuTorch rows (`--formats executorch`): the folded model, the dense base and the folded model expanded to its base
 architecture (what `export --dense` writes: the same function without the sharing), each as an XNNPACK program of
 `--seq-len` tokens in fp32 and int8 (foldgpt.runtimes.executorch_export), run by ExecuTorch's Python runtime in a
-fresh process (RSS: growth from loading the program and running the first window; thread pool: `--threads`).
+fresh process (RSS: growth from loading the program and running the first window; thread pool: `--threads`). A tied
+LM head reads the int8 embedding's table (stored once); the extra row "LM head untied" gives it its own int8 copy,
+for what the tie costs per run.
 `unique MB` is the unique-parameter bytes of the source at the file's precision (4 or 1 byte per parameter);
-`perplexity` is next-token perplexity within the windows (ExecuTorch rows; the fp32 model's is in the torch rows).
+`perplexity` is next-token perplexity within the windows (ONNX and ExecuTorch rows; the fp32 model's is in the torch
+rows).
 """
 
 from __future__ import annotations
@@ -108,18 +111,22 @@ def main() -> None:
         ekw = dict(n_windows=a.windows, text=kw["text"], threads=a.threads)
         n_expanded = sum(p.numel() for p in to_dense(folded).parameters())  # a tied matrix counted once
 
-        def pte_of(name: str, make, int8: bool) -> Path:
+        def pte_of(name: str, make, int8: bool, **kw) -> Path:
             """work/NAME-fp32|int8.pte, exported from make() (a fresh module: --int8 quantizes it in place), or
             the existing file with --reuse."""
             out = work / f"{name}-{'int8' if int8 else 'fp32'}.pte"
             if a.reuse and out.is_file():
                 return out
-            return model_to_executorch(make(), out, overwrite=True, int8=int8, seq_len=a.seq_len)
+            return model_to_executorch(make(), out, overwrite=True, int8=int8, seq_len=a.seq_len, **kw)
 
         for int8 in (False, True):
             tag = "int8" if int8 else "fp32"
             pte = pte_of("folded", lambda: foldgpt.load(folded_dir)[0], int8)
             rows.append((f"folded ExecuTorch {tag}", check_executorch(folded_dir, pte, reference=folded, **ekw)))
+            if int8 and folded.get_output_embeddings().weight is folded.get_input_embeddings().weight:
+                pte = pte_of("folded-untied", lambda: foldgpt.load(folded_dir)[0], int8, tie_int8_head=False)
+                rows.append(("folded ExecuTorch int8, LM head untied (embedding twice)",
+                             check_executorch(folded_dir, pte, reference=folded, **ekw)))
             pte = pte_of("expanded", lambda: to_dense(folded), int8)
             res = check_executorch(folded_dir, pte, reference=folded, **ekw)  # the same function as the folded model
             res["unique_param_bytes"] = n_expanded * (1 if int8 else 4)
@@ -139,7 +146,9 @@ def main() -> None:
 
     for name, r in rows:
         rss = None if r.get("rss_bytes") is None else r["rss_bytes"] / 1e6
-        uniq = r["unique_param_bytes"] / 1e6 if "ExecuTorch" in name else None  # at the file's precision
+        uniq = None  # at the file's precision
+        if "ExecuTorch" in name or "ONNX" in name:
+            uniq = r["unique_param_bytes_int8" if "ONNX int8" in name else "unique_param_bytes"] / 1e6
         lines.append(f"| {name} | {r['file_bytes'] / 1e6:.1f} | {fmt(uniq, '.1f')} | {fmt(r['max_abs_diff'], '.2e')} "
                      f"| {fmt(r.get('ppl'), '.2f')} | {fmt(rss, '.0f')} | {fmt(r.get('tokens_per_s'), '.0f')} |")
     table = "\n".join(lines)

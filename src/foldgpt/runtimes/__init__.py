@@ -71,6 +71,16 @@ def unique_param_bytes(model_dir: str | Path, bytes_per_param: int = 4) -> int:
     return n * bytes_per_param
 
 
+def perplexity(logits, windows) -> float:
+    """Next-token perplexity of `logits` (n, length, vocab) within `windows` (n, length) of token ids: the measure
+    that matters for a quantized export, where max-abs logit differences mislead."""
+    import torch
+
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                            windows[:, 1:].reshape(-1))
+    return float(nll.exp())
+
+
 def token_windows(vocab_size: int, n: int, seq_len: int, seed: int = 0, ids=None):
     """`n` windows of `seq_len` token ids, shape (n, seq_len): evenly spaced slices of `ids` (a tokenized text)
     when it is long enough, else seeded random ids below `vocab_size`."""

@@ -25,10 +25,17 @@ fixed length only), which halves the number of delegated parts (faster lowering,
 
 `int8=True`: torchao's `Int8DynamicActivationIntxWeightConfig` (int8 weights per output channel, activations
 quantized per token at run time: XNNPACK's dynamically quantized GEMM, ExecuTorch's "8da8w") on every nn.Linear
-(the shared parents once; the low-rank deltas stay fp32) and `IntxWeightOnlyConfig` (int8 per row) on the token
-embedding, run by ExecuTorch's quantized `embedding_byte` kernel. Quantizing splits a tied embedding in two: the
-lookup's int8 table (a program constant) and the LM head's int8 weights (XNNPACK's), so an int8 file holds that
-matrix twice; every other shared matrix is still stored once.
+(the shared parents once) and on each folded child's low-rank factors (the two linears of `linear_form`), and
+`IntxWeightOnlyConfig` (int8 per row) on the token embedding, run by ExecuTorch's quantized `embedding_byte` kernel.
+A tied LM head reads that same int8 table (`TiedInt8Head`): the table is converted to fp32 outside the delegate at
+each run (ExecuTorch's portable kernel), and XNNPACK runs an fp32 GEMM with it as a run-time weight and scales the
+logits' columns by the rows' scales. The matrix is stored once, in int8, at a cost per run: the conversion, XNNPACK's
+packing of the head's weight at each call (instead of once at load), an fp32 GEMM instead of the int8 one, and two
+table-sized fp32 buffers (the converted table, its packed copy). On SmolLM2 (a 49152 x 576 table), against
+`tie_int8_head=False`, which gives the head its own 8da8w copy (28 MB more on disk): 420 MB resident instead of 200
+MB, about two thirds of the tokens/s (docs/runtimes.md). ExecuTorch's quantized-op fusion is run
+without the constant propagation that usually follows it, which would fold the conversion into an fp32 copy of the
+embedding. Norms, alpha scalars and the per-channel scales stay fp32.
 
 `check_executorch` runs a .pte with ExecuTorch's Python runtime in a fresh process (its resident memory is the
 program's alone): logits against `foldgpt.load`, file size against the folder's unique-parameter bytes at the
@@ -49,7 +56,7 @@ import torch
 from torch import nn
 
 from ..errors import FoldGPTError
-from . import check_output_file, file_bytes, require, token_windows, unique_param_bytes
+from . import check_output_file, file_bytes, perplexity, require, token_windows, unique_param_bytes
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +85,9 @@ def _linear_form_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.alpha.to(x.dtype) * self.base(x)
     else:
         y = None
-    if self.rank > 0:
-        low = nn.functional.linear(nn.functional.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+    if self.rank > 0:  # (int8 factors are torchao tensors, which F.linear runs as 8da8w)
+        a, b = (w if w.dtype == x.dtype else w.to(x.dtype) for w in (self.lora_A, self.lora_B))
+        low = nn.functional.linear(nn.functional.linear(x, a), b)
         y = low if y is None else y + low
     if self.mode != "shared" and getattr(self, "bias", None) is not None:
         y = y + self.bias.to(y.dtype)
@@ -101,24 +109,42 @@ def linear_form(model: nn.Module):
             del m.forward
 
 
-def _partitioner():
+def _partitioner(tied_int8_head: bool = False):
     """XNNPACK's partitioner, except that a constant read both by a delegated op and by a non-delegated one stays a
-    program constant (passed to the delegate at run time) instead of being copied into the delegate."""
+    program constant (passed to the delegate at run time) instead of being copied into the delegate. In an int8
+    program with a TiedInt8Head the only fp32 Linear left is that head, whose weight (the int8 embedding, converted
+    outside the delegate) XNNPACK must take at run time: `force_non_static_weights_for_f32_linear`."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     class SharedConstantPartitioner(XnnpackPartitioner):
         def partition(self, exported_program):
             res = super().partition(exported_program)
-            for node in res.tagged_exported_program.graph.nodes:
-                if node.op != "placeholder" or "delegation_tag" not in node.meta:
-                    continue
-                # read by a non-delegated op too (several delegates' copies are merged by the sha256 keys)
-                if any(user.meta.get("delegation_tag") is None for user in node.users):
-                    log.debug("constant %s is read outside its delegate: kept as one program constant", node.name)
-                    del node.meta["delegation_tag"]
+            program = res.tagged_exported_program
+            sig = program.graph_signature
+            derived = {*sig.inputs_to_parameters, *sig.inputs_to_buffers, *sig.inputs_to_lifted_tensor_constants}
+            for node in program.graph.nodes:  # (topological order) values computed from constants alone
+                if node.op == "call_function" and node.all_input_nodes and all(
+                        i.name in derived for i in node.all_input_nodes):
+                    derived.add(node.name)
+            changed = True
+            while changed:
+                changed = False
+                for node in program.graph.nodes:
+                    if "delegation_tag" not in node.meta or node.name not in derived:
+                        continue
+                    # a constant read by a non-delegated op too (several delegates' copies are merged by the
+                    # sha256 keys) stays one program constant; a delegated computation from such constants alone
+                    # (the LM head's dequantization of a tied int8 embedding) runs outside too, so that the delegate
+                    # receives its result at run time as it receives a shared fp32 constant
+                    if (any(user.meta.get("delegation_tag") is None for user in node.users) or (
+                            node.op == "call_function" and any(i.op == "placeholder" and "delegation_tag" not in
+                                                               i.meta for i in node.all_input_nodes))):
+                        log.debug("%s is read outside its delegate: kept out of it", node.name)
+                        del node.meta["delegation_tag"]
+                        changed = True
             return res
 
-    return SharedConstantPartitioner()
+    return SharedConstantPartitioner(force_non_static_weights_for_f32_linear=tied_int8_head)
 
 
 def pool_last_dim_means(program) -> int:
@@ -157,19 +183,41 @@ def pool_last_dim_means(program) -> int:
     return done
 
 
-def _quantize_int8(model: nn.Module) -> None:
-    """In place: 8da8w on every nn.Linear, int8 weight-only on the token embedding (see the module docstring)."""
+class TiedInt8Head(nn.Module):
+    """The LM head of an int8 program whose head is tied to the token embedding: `linear(h, int8 rows) x row scales`
+    on the embedding's own int8 table (torchao's IntxUnpackedToInt8Tensor, int8 per row), so that the program stores
+    the matrix once. The lookup reads the int8 table with ExecuTorch's `embedding_byte` kernel; for the head the table
+    is converted to fp32 outside the delegate at each run and XNNPACK runs an fp32 GEMM on it, packing the weight at
+    each run (see the module docstring for what that costs)."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.embedding = embedding  # the same module (its weight is listed once by parameters())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.embedding.weight  # symmetric: zero points are 0; a row's scale scales its output column
+        return nn.functional.linear(h, w.qdata.to(h.dtype)) * w.scale.reshape(-1).to(h.dtype)
+
+
+def _quantize_int8(model: nn.Module, tie_head: bool = True) -> bool:
+    """In place: 8da8w on every nn.Linear and on every folded child's low-rank factors, int8 weight-only on the
+    token embedding, and a tied LM head reading that int8 table (TiedInt8Head; with `tie_head=False` it gets its own
+    8da8w copy instead); see the module docstring. Returns whether a TiedInt8Head was set."""
     from torchao.quantization import quantize_
     from torchao.quantization.granularity import PerAxis
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
 
+    from ..checkpoint.modeling_foldgpt import SharedLinear
+
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    if head is not None and emb is not None and head.weight is emb.weight:  # untie first: each is quantized for its op
+    tied = head is not None and emb is not None and head.weight is emb.weight
+    if tied and not tie_head:
         head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        tied = False
     if emb is not None:  # padding_idx only masks gradients; without it the lookup matches the int8 kernel's pattern
         emb.padding_idx = None
-    seen: set[int] = set()
+    seen: set[int] = {id(head)} if tied else set()
 
     def once(kind):  # quantize_ walks the module tree by name: a parent's Linear is reached again from each child
         def keep(m, fqn):
@@ -179,10 +227,25 @@ def _quantize_int8(model: nn.Module) -> None:
             return True
         return keep
 
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
-              filter_fn=once(nn.Linear))
+    dynamic = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    quantize_(model, dynamic, filter_fn=once(nn.Linear))
+    for m in model.modules():  # the factors as the weights of the two linears `linear_form` runs
+        if isinstance(m, SharedLinear) and m.rank > 0 and id(m) not in seen:
+            seen.add(id(m))
+            for name in ("lora_A", "lora_B"):
+                w = getattr(m, name)
+                shell = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+                shell.weight = nn.Parameter(w.detach().float(), requires_grad=False)
+                quantize_(shell, dynamic)
+                m._parameters[name] = shell.weight
     quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
               filter_fn=once(nn.Embedding))
+    if tied:
+        if bool((emb.weight.zero_point != 0).any()):
+            raise FoldGPTError("the int8 embedding has non-zero zero points; the tied LM head cannot read it")
+        name = next(n for n, m in model.named_modules() if m is head)
+        model.set_submodule(name, TiedInt8Head(emb))
+    return tied
 
 
 class _DropRootInfo(logging.Filter):
@@ -210,9 +273,11 @@ def _quiet():
     return stack
 
 
-def to_program(model: nn.Module, int8: bool = False, seq_len: int = DEFAULT_SEQ_LEN, dynamic: bool = False) -> bytes:
+def to_program(model: nn.Module, int8: bool = False, seq_len: int = DEFAULT_SEQ_LEN, dynamic: bool = False,
+               tie_int8_head: bool = True) -> bytes:
     """The .pte bytes of a causal LM module (folded or dense), lowered to XNNPACK (see the module docstring).
-    With `int8`, `model` is quantized in place."""
+    With `int8`, `model` is quantized in place; `tie_int8_head=False` gives a tied LM head its own int8 copy (the
+    matrix twice in the file, no conversion and packing of the head at each run)."""
     with _quiet():
         from executorch.backends.xnnpack.utils.configs import get_xnnpack_edge_compile_config
         from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -227,22 +292,22 @@ def to_program(model: nn.Module, int8: bool = False, seq_len: int = DEFAULT_SEQ_
                             generator=torch.Generator().manual_seed(0))
     t = time.perf_counter()
     with _quiet(), torch.no_grad(), linear_form(model):
-        if int8:
-            _quantize_int8(model)
+        tied = _quantize_int8(model, tie_int8_head) if int8 else False
         shapes = {"input_ids": {1: torch.export.Dim("sequence", min=1, max=seq_len)}} if dynamic else None
         program = torch.export.export(LogitsOnly(model), (example,), dynamic_shapes=shapes, strict=False)
         if not dynamic:  # (a dynamic length has no fixed row count to view)
             pool_last_dim_means(program)
         t_export = time.perf_counter() - t
-        edge = to_edge_transform_and_lower(program, partitioner=[_partitioner()],
+        edge = to_edge_transform_and_lower(program, partitioner=[_partitioner(tied)],
                                            compile_config=get_xnnpack_edge_compile_config(),
                                            constant_methods={"get_max_seq_len": seq_len,
                                                              "enable_dynamic_shape": bool(dynamic),
                                                              "use_kv_cache": False, "get_vocab_size": vocab,
                                                              "foldgpt_int8": bool(int8)})
         del program
-        et = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True,
-                                                        do_quant_fusion_and_const_prop=bool(int8)))
+        if int8:
+            _fuse_quantized_ops(edge)
+        et = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
         buffer = et.buffer
     log.info("ExecuTorch program traced in %.1f s and lowered to XNNPACK in %.1f s (%s, %s %d tokens)", t_export,
              time.perf_counter() - t - t_export, "int8" if int8 else "fp32", "up to" if dynamic else "",
@@ -250,15 +315,25 @@ def to_program(model: nn.Module, int8: bool = False, seq_len: int = DEFAULT_SEQ_
     return buffer
 
 
+def _fuse_quantized_ops(edge) -> None:
+    """ExecuTorch's quantized-op fusion (the int8 embedding's dequantize + lookup -> `embedding_byte`) on the lowered
+    program, in place, without the constant propagation that `do_quant_fusion_and_const_prop` runs after it: that
+    would fold the tied LM head's int8 -> fp32 conversion (TiedInt8Head) into a second, fp32 copy of the embedding."""
+    from executorch.exir.passes.quant_fusion_pass import QuantFusionPass, _get_node_value_dict
+
+    program = edge.exported_program()
+    QuantFusionPass(_fix_node_meta_val=True, node_value_dict=_get_node_value_dict(program))(program.graph_module)
+
+
 def model_to_executorch(model: nn.Module, out: str | Path, overwrite: bool = False, int8: bool = False,
-                        seq_len: int = DEFAULT_SEQ_LEN, dynamic: bool = False) -> Path:
+                        seq_len: int = DEFAULT_SEQ_LEN, dynamic: bool = False, tie_int8_head: bool = True) -> Path:
     """Export any causal LM module (folded or dense) to the .pte file `out`, atomically. With `int8`, `model` is
-    quantized in place (pass a copy to keep it)."""
+    quantized in place (pass a copy to keep it); `tie_int8_head`: see to_program."""
     require(EXPORT_MODULES, "the ExecuTorch export", EXTRA)
     out = check_output_file(out, overwrite, ".pte")
     from ..fileio import staging_dir
 
-    buffer = to_program(model, int8, seq_len, dynamic)
+    buffer = to_program(model, int8, seq_len, dynamic, tie_int8_head)
     with staging_dir(out.parent, f".{out.name}.tmp-") as tmp:
         (tmp / out.name).write_bytes(buffer)
         os.replace(tmp / out.name, out)
@@ -374,14 +449,7 @@ def _measure_against(model: nn.Module, pte: Path, windows: torch.Tensor, threads
                          for i in range(len(windows))])
     return {"max_abs_diff": (logits - ref).abs().max().item(), "file_bytes": file_bytes(pte),
             "unique_param_bytes": unique // 4 if int8 else unique, "unique_param_bytes_fp32": unique,
-            "ppl": _perplexity(logits, windows), "ppl_reference": _perplexity(ref, windows), **stats}
-
-
-def _perplexity(logits: torch.Tensor, windows: torch.Tensor) -> float:
-    """Next-token perplexity within the windows (the measure that matters for int8, where max-abs logits mislead)."""
-    nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                      windows[:, 1:].reshape(-1))
-    return float(nll.exp())
+            "ppl": perplexity(logits, windows), "ppl_reference": perplexity(ref, windows), **stats}
 
 
 def check_executorch(model_dir: str | Path, pte_path: str | Path, n_windows: int = 4, seq_len: int | None = None,

@@ -14,7 +14,10 @@ a constant operand. Node metadata (source stack traces, which the exporter attac
 larger than the weights of a small model and no runtime reads it.
 
 `int8=True` writes onnxruntime's dynamic quantization on top: weights stored as int8 (per tensor), activations
-quantized on the fly at each MatMul."""
+quantized on the fly (per tensor) at each MatMul. Each matrix is stored once: a tied embedding is one uint8 table
+that the lookup gathers from (then dequantizes) and the LM head reads through a transpose and a dequantize (an
+fp32 MatMul). Judge it by perplexity (`check_onnx`'s `ppl`): per-tensor activation quantization moves SmolLM2's a
+lot (docs/runtimes.md)."""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import FoldGPTError
-from . import check_output_file, file_bytes, require, token_windows, unique_param_bytes
+from . import check_output_file, file_bytes, perplexity, require, token_windows, unique_param_bytes
 
 log = logging.getLogger(__name__)
 
@@ -341,9 +344,12 @@ def check_onnx(model_dir: str | Path, onnx_path: str | Path, n_windows: int = 4,
                reference: nn.Module | None = None) -> dict:
     """Run the ONNX file with onnxruntime on the CPU and measure it against the model in `model_dir`
     (loaded with foldgpt.load, or `reference` when given): max-abs logit difference over `n_windows` windows of
-    `seq_len` tokens (from `text` when given, else seeded random ids), file size, the folder's unique-parameter
-    bytes at fp32, and, from a fresh process (`measure_session`), the session's resident memory (RSS growth from
-    creating it and running the first window) and tokens/s (prompt processing: one full forward per window)."""
+    `seq_len` tokens (from `text`, tokenized with the folder's tokenizer, when given; else seeded random ids), the
+    next-token perplexity within the windows of the file and of the model (`ppl`, `ppl_reference`: the measure for
+    int8, whose logits move a lot), file size, the folder's unique-parameter bytes at fp32 (and at 1 byte per
+    parameter: `unique_param_bytes_int8`), and, from a fresh process (`measure_session`), the session's resident
+    memory (RSS growth from creating it and running the first window) and tokens/s (prompt processing: one full
+    forward per window)."""
     require(RUN_MODULES, "running the ONNX model", "onnx")
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -351,16 +357,24 @@ def check_onnx(model_dir: str | Path, onnx_path: str | Path, n_windows: int = 4,
     from ..api import load
 
     model, tok = (reference, None) if reference is not None else load(model_dir)
-    ids = tok(text)["input_ids"] if (text and tok is not None) else None
+    if text and tok is None:
+        from ..models import load_tokenizer
+
+        tok = load_tokenizer(model_dir)
+    ids = tok(text)["input_ids"] if text else None
     windows = token_windows(int(model.config.vocab_size), n_windows, seq_len, seed, ids)
     logits, stats = measure_session(onnx_path, windows, threads, prepack)
     with torch.no_grad():
         ref = torch.cat([model(input_ids=windows[i : i + 1], use_cache=False).logits.float()
                          for i in range(n_windows)])
+    unique = unique_param_bytes(model_dir)
     return {
         "max_abs_diff": (logits - ref).abs().max().item(),
+        "ppl": perplexity(logits, windows),
+        "ppl_reference": perplexity(ref, windows),
         "file_bytes": file_bytes(onnx_path),
-        "unique_param_bytes": unique_param_bytes(model_dir),
+        "unique_param_bytes": unique,
+        "unique_param_bytes_int8": unique // 4,
         **stats,
         "windows": n_windows,
         "seq_len": seq_len,
