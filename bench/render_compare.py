@@ -21,6 +21,8 @@ LABELS = {
     "foldgpt_compensate": "foldgpt + ReplaceMe compensation of its deletions (`--compensate replaceme`)",
     "foldgpt_greedy": "foldgpt, the earlier two greedy searches (`--ranking greedy`)",
     "foldgpt_r0125": "foldgpt, children at 12.5% of a block only (`--child-fractions 0.125`)",
+    "foldgpt_refine": "foldgpt + exchange rounds after the search (`--refine 8`)",
+    "foldgpt_sg1": "foldgpt, general windows in the search's score (`--search-general 1`)",
     "foldgpt_r025": "foldgpt, children at 25% of a block only (`--child-fractions 0.25`)",
     "foldgpt_plan_nocure": "foldgpt's plan (fitted children), no cure",
     "foldgpt_plan_childlr0": "foldgpt's plan, child factors frozen in the cure (`--child-lr-scale 0`)",
