@@ -6,6 +6,9 @@
 #   bash bench/compare_default.sh                                  (SmolLM2-135M, all rows: about 1 h on 2 CPU cores)
 #   MODEL=gemma3-270m ROWS="foldgpt_s0 blockpruner_s0" bash bench/compare_default.sh
 #   TARGET=0.60 ROWS="foldgpt_s0 sleb_s0 shortgpt_s0" bash bench/compare_default.sh
+#   TEXT=code ROWS="foldgpt_s0 shortgpt_s0 sleb_search_s0" bash bench/compare_default.sh
+#     calibrates on another kind of text (bench/other_text.py: Python's standard library, modules a-m) and measures
+#     on its held-out part (modules n-z) and on Pride and Prejudice; results in ..._code/.
 # Peers whose searches take hours re-apply the plans of those searches (bench/plans/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +16,14 @@ PY=${PYTHON:-.venv/bin/python}
 MODEL=${MODEL:-smollm2-135m}
 TARGET=${TARGET:-0.75}
 TAG=$(printf '%03d' "$(awk -v t="$TARGET" 'BEGIN{printf "%d", t*100+0.5}')")
-OUT=${OUT:-bench/results/compare_${MODEL}_${TAG}}
+TEXT=${TEXT:-austen}
+if [ "$TEXT" != austen ]; then  # another kind of calibration text, written once into a cache folder
+  CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/foldgpt/other_text
+  read -r CAL HELD < <($PY bench/other_text.py "$TEXT" "$CACHE")
+  export CALIB_TEXT=$CAL EVAL_TEXT=$HELD
+  export OOD_TEXT=${SHARED_DATA:-../shared/data}/corpora/austen/austen_prideprejudice.txt
+fi
+OUT=${OUT:-bench/results/compare_${MODEL}_${TAG}$([ "$TEXT" = austen ] || echo "_$TEXT")}
 P=bench/plans/${MODEL}_${TAG}
 mkdir -p "$OUT"
 declare -A ARGS=(
@@ -23,6 +33,8 @@ declare -A ARGS=(
   [sleb_s1]="--method sleb --plan ${P}_sleb.json --cure --cure-seed 1"
   [blockpruner_s0]="--method blockpruner --plan ${P}_blockpruner.json --cure --cure-seed 0"
   [blockpruner_s1]="--method blockpruner --plan ${P}_blockpruner.json --cure --cure-seed 1"
+  [sleb_search_s0]="--method sleb --cure --cure-seed 0"
+  [sleb_search_s1]="--method sleb --cure --cure-seed 1"
   [shortgpt_s0]="--method shortgpt --cure --cure-seed 0"
   [shortgpt_s1]="--method shortgpt --cure --cure-seed 1"
   [replaceme_s0]="--method replaceme --cure --cure-seed 0"

@@ -8,6 +8,8 @@ Calibration text: the five Austen calibration novels of ../shared/data (SHARED_D
 first 16,384 tokens of Pride and Prejudice in 512-token windows, and, as text of another kind than the calibration
 novels, the GNU GPL v3 licence text where the system has it (`OOD_TEXT` overrides; `eval_ood` in the row) and
 the stories of BIG-bench's causal_judgment task (modern narrative English, ../shared/data/bigbench; `eval_stories`).
+`CALIB_TEXT` (files joined by ':') and `EVAL_TEXT` replace the novels and Pride and Prejudice, to check the lead on
+another kind of text (bench/other_text.py writes one; the row records the names as `calib_text` and `eval_text`).
 Other arguments go to `foldgpt compress` (e.g. `--cure-seed 1`). The compress runs in a child process, so its peak
 RSS is the process's own (resource.getrusage of the children).
 """
@@ -48,7 +50,9 @@ def main() -> None:
     args, extra = ap.parse_known_args()  # the rest goes to `foldgpt compress`
     args.extra = [a for a in extra if a != "--"]
     data = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")) / "corpora" / "austen"
-    text = [str(data / f"austen_{n}.txt") for n in CALIB]
+    text = (os.environ["CALIB_TEXT"].split(os.pathsep) if os.environ.get("CALIB_TEXT")
+            else [str(data / f"austen_{n}.txt") for n in CALIB])
+    held_out = os.environ.get("EVAL_TEXT") or str(data / "austen_prideprejudice.txt")
     fg = str(Path(sys.executable).with_name("foldgpt"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,14 +67,14 @@ def main() -> None:
         summary = json.loads((Path(out) / "summary.json").read_text())
         plan = json.loads((Path(out) / "plan.json").read_text())
         ev = Path(tmp) / "eval.json"
-        subprocess.run([fg, "eval", out, "--text", str(data / "austen_prideprejudice.txt"), "--seq-len", "512",
+        subprocess.run([fg, "eval", out, "--text", held_out, "--seq-len", "512",
                         "--max-tokens", "16384", "--json", str(ev)], check=True, env=env)
         ppl = json.loads(ev.read_text())
         ood = Path(os.environ.get("OOD_TEXT", "/usr/share/common-licenses/GPL-3"))
         ppl_ood = None
         if ood.is_file():
-            subprocess.run([fg, "eval", out, "--text", str(ood), "--seq-len", "512", "--json", str(ev)], check=True,
-                           env=env)
+            subprocess.run([fg, "eval", out, "--text", str(ood), "--seq-len", "512", "--max-tokens", "16384", "--json",
+                            str(ev)], check=True, env=env)
             ppl_ood = json.loads(ev.read_text())
         stories = Path(tmp) / "stories.txt"
         ppl_stories = None
@@ -79,6 +83,8 @@ def main() -> None:
                             "--json", str(ev)], check=True, env=env)
             ppl_stories = json.loads(ev.read_text())
     row = {"model": args.model, "target_params": float(args.target_params), "extra": args.extra,
+           "calib_text": [Path(t).name for t in text], "eval_text": Path(held_out).name,
+           "ood_text": ood.name if ppl_ood is not None else None,
            "wall_seconds": round(wall, 1), "peak_rss_bytes": peak, "stage_seconds": summary["seconds"],
            "params_ratio": summary["params_ratio"], "removed": summary["removed"], "groups": summary["groups"],
            "calib_loss_before_cure": summary["calib_loss_before_cure"], "calib_loss": summary["calib_loss"],
