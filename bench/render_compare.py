@@ -33,6 +33,7 @@ LABELS = {
     "blockpruner_gen25": "BlockPruner + cure, a quarter of general calibration text (`--general-share 0.25`)",
     "shortgpt": "ShortGPT + cure",
     "sleb": "SLEB + cure",
+    "sleb_search": "SLEB (its own search on this text) + cure",
     "blockpruner": "BlockPruner + cure",
     "replaceme": "ReplaceMe + cure",
     "replaceme_nocure": "ReplaceMe, no cure",
@@ -46,7 +47,10 @@ def main() -> None:
     for f in sorted(folder.glob("*.json")):
         name = f.stem.rsplit("_s", 1)[0] if f.stem.rsplit("_s", 1)[-1].isdigit() else f.stem
         groups.setdefault(name, []).append(json.loads(f.read_text()))
-    lines = ["| method | unique params | PPL (P&P), per cure seed | mean | PPL (GPL-3 text) | wall s (compress) "
+    first = next(iter(groups.values()))[0]
+    other = "calib_text" in first and not first["calib_text"][0].startswith("austen_")  # TEXT=code and the like
+    held, ood = ("held-out text", "Pride and Prejudice") if other else ("P&P", "GPL-3 text")
+    lines = [f"| method | unique params | PPL ({held}), per cure seed | mean | PPL ({ood}) | wall s (compress) "
              "| peak RSS GiB |", "|---|---|---|---|---|---|---|"]
     means = {}
     for name, rows in sorted(groups.items(), key=lambda kv: statistics.mean(_ppl(r) for r in kv[1])):
@@ -63,18 +67,25 @@ def main() -> None:
         lines.append("")
         lines.append(f"Default vs best peer + cure ({LABELS.get(best, best)}): {means['foldgpt']:.2f} vs "
                      f"{peers[best]:.2f}, {1 - means['foldgpt'] / peers[best]:+.1%} lower perplexity.")
-    lines += ["", "PPL (P&P): the first 16,384 tokens of Pride and Prejudice (held out from the calibration novels). "
-              "PPL (GPL-3 text): the GNU GPL v3 licence, text of another kind than the calibration novels, where the "
-              "row measured it.", "", "SLEB's and BlockPruner's rows re-apply the plans their own searches found for this model and data "
-              "(bench/plans/README.md): their wall time is the cure's and the rest of the pipeline, without their "
-              "search. Layer-granular peers cannot land on the target exactly and keep fewer parameters."]
+    if other:
+        lines += ["", f"Calibration text: {', '.join(first['calib_text'])}; PPL (held-out text): the first 16,384 "
+                  f"tokens of {first['eval_text']} (bench/other_text.py); PPL (Pride and Prejudice): its first 16,384 "
+                  "tokens, text of another kind than the calibration text.", "", "Peers' searches ran on this text "
+                  "(no re-applied plans)."]
+    else:
+        lines += ["", "PPL (P&P): the first 16,384 tokens of Pride and Prejudice (held out from the calibration "
+                  "novels). PPL (GPL-3 text): the GNU GPL v3 licence, text of another kind than the calibration "
+                  "novels, where the row measured it.", "", "SLEB's and BlockPruner's rows re-apply the plans their "
+                  "own searches found for this model and data (bench/plans/README.md): their wall time is the cure's "
+                  "and the rest of the pipeline, without their search."]
+    lines += ["Layer-granular peers cannot land on the target exactly and keep fewer parameters."]
     text = "\n".join(lines) + "\n"
     (folder / "table.md").write_text(text)
     print(text)
-    plot(groups, folder / "ppl_vs_time.png")
+    plot(groups, folder / "ppl_vs_time.png", held if other else "Pride and Prejudice")
 
 
-def plot(groups: dict[str, list[dict]], path: Path) -> None:
+def plot(groups: dict[str, list[dict]], path: Path, held: str = "Pride and Prejudice") -> None:
     """Mean perplexity against mean compression wall time, one marker per method, the default highlighted."""
     import matplotlib
 
@@ -92,7 +103,7 @@ def plot(groups: dict[str, list[dict]], path: Path) -> None:
         ax.scatter(x, y, s=140 if main else 60, marker="*" if main else markers[i % len(markers)],
                    color="crimson" if main else f"C{i % 10}", zorder=3, label=LABELS.get(name, name).replace("*", ""))
     ax.set_xlabel("compression wall time, minutes")
-    ax.set_ylabel("perplexity, Pride and Prejudice (lower is better)")
+    ax.set_ylabel(f"perplexity, {held} (lower is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
