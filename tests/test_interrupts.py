@@ -47,6 +47,20 @@ sys.meta_path.insert(0, _StopAtTorch())
 '''
 
 
+def _sigint_default() -> None:
+    """In a child before it starts Python: SIGINT at its default, so Python raises KeyboardInterrupt on it even when
+    the tests themselves were started with SIGINT ignored (as a shell does for a command run in the background)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_raises():
+    """This process raises KeyboardInterrupt on SIGINT whatever it inherited (see _sigint_default)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _env(**extra) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), **extra}
@@ -73,7 +87,8 @@ class Run:
             env = _env(TMPDIR=str(self.tmp))
             env["PYTHONPATH"] = os.pathsep.join([str(hook), env["PYTHONPATH"]])
             self.proc = subprocess.Popen([sys.executable, "-m", "foldgpt.cli", *self.args], stdout=subprocess.DEVNULL,
-                                         stderr=open(self.err, "w"), env=env, cwd=root)
+                                         stderr=open(self.err, "w"), env=env, cwd=root,
+                                         preexec_fn=_sigint_default)
 
     def spec(self) -> dict:
         return {"stage": "saving" if self.stage == "kill9" else self.stage, "args": self.args,
@@ -127,7 +142,7 @@ def started(tiny, tmp_path_factory):
     spec.write_text(json.dumps([r.spec() for r in runs.values() if r.proc is None]))
     driver = subprocess.Popen([sys.executable, str(HERE / "interrupt_driver.py"), str(spec)], env=_env(),
                               stdout=subprocess.DEVNULL, stderr=open(root / "driver.txt", "w"),
-                              start_new_session=True)
+                              start_new_session=True, preexec_fn=_sigint_default)
     yield runs
     for r in runs.values():
         if r.proc is not None and r.proc.poll() is None:
