@@ -107,8 +107,8 @@ def main(argv=None) -> None:
               "the exact calibration NLL does")
         for x in q:
             if not x["agrees"]:
-                print(f"  disagrees: {x['target']:.2f} {x['a']} vs {x['b']} (NLL {x['nll'][0]:.4f} / {x['nll'][1]:.4f}, "
-                      f"proxy {x['proxy'][0]:.4f} / {x['proxy'][1]:.4f})")
+                print(f"  disagrees: {x['target']:.2f} {x['a']} vs {x['b']} "
+                      f"(NLL {x['nll'][0]:.4f} / {x['nll'][1]:.4f}, proxy {x['proxy'][0]:.4f} / {x['proxy'][1]:.4f})")
     if a.json:
         write_json_atomic(Path(a.json), result)
 
@@ -129,11 +129,14 @@ def plan_from_row(row: dict, cfg, session):
     """The plan a finished row ran, from the removed units, groups and child gate starts it records."""
     from foldgpt.methods import get_method, make_plan
 
-    if get_method(cfg.method).merges or "removed" not in row or (cfg.method == "foldgpt" and cfg.ranking.kind == "search"):
-        raise SystemExit(f"error: a {row['method']} row does not record its whole plan (merged layers, fitted children)")
+    searched = cfg.method == "foldgpt" and cfg.ranking.kind == "search"
+    if get_method(cfg.method).merges or "removed" not in row or searched:
+        raise SystemExit(f"error: a {row['method']} row does not record its whole plan "
+                         "(merged layers, fitted children)")
     gates = {c: g["start"] if isinstance(g, dict) else g for c, g in row.get("child_gates", {}).items()}
-    return make_plan(cfg, session.dense, session.adapter, list(row["removed"]), [list(g) for g in row.get("groups", [])],
-                     child_gates=gates, method=cfg.method)
+    groups = [list(g) for g in row.get("groups", [])]
+    return make_plan(cfg, session.dense, session.adapter, list(row["removed"]), groups, child_gates=gates,
+                     method=cfg.method)
 
 
 def topk_loss(model, ids, cand, dup) -> float:
