@@ -14,6 +14,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from foldgpt.fileio import write_text_atomic
+
 
 def code_text() -> tuple[str, str]:
     """(calibration, held-out): the standard library's top-level modules a-m and n-z, each file's text in turn."""
@@ -34,9 +36,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     calib, held = code_text()
     for name, text in (("code_calib.txt", calib), ("code_eval.txt", held)):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / name)
+        write_text_atomic(out / name, text)
     print(out / "code_calib.txt", out / "code_eval.txt")
 
 
