@@ -19,7 +19,8 @@ TAG=$(printf '%03d' "$(awk -v t="$TARGET" 'BEGIN{printf "%d", t*100+0.5}')")
 TEXT=${TEXT:-austen}
 if [ "$TEXT" != austen ]; then  # another kind of calibration text, written once into a cache folder
   CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/foldgpt/other_text
-  read -r CAL HELD < <($PY bench/other_text.py "$TEXT" "$CACHE")
+  read -r CAL HELD < <($PY bench/other_text.py "$TEXT" "$CACHE") || true
+  [ -n "${HELD:-}" ] || { echo "error: bench/other_text.py wrote no '$TEXT' text (TEXT=code is the one there is)"; exit 2; }
   export CALIB_TEXT=$CAL EVAL_TEXT=$HELD
   export OOD_TEXT=${SHARED_DATA:-../shared/data}/corpora/austen/austen_prideprejudice.txt
 fi
